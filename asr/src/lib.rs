@@ -1,0 +1,12 @@
+//! Speech recognition for talkline.
+//!
+//! - [`convert`]: CTranslate2 Whisper checkpoints -> whisper.cpp ggml files (model provisioning).
+//! - [`whisper`]: a Whisper model loaded once per process, with one decoding state per user.
+//!
+//! **Architecture invariant: this crate knows nothing about transports, sessions or the LLM.**
+
+pub mod convert;
+pub mod error;
+pub mod whisper;
+
+pub use error::{AsrError, Result};

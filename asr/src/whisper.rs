@@ -1,0 +1,156 @@
+//! A Whisper model loaded once per process and shared; each user gets a [`WhisperSession`].
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Once};
+
+use whisper_rs::{
+    FullParams, SamplingStrategy, WhisperContext, WhisperContextParameters, WhisperState,
+};
+
+use crate::error::{AsrError, Result};
+
+/// Whisper's input rate.
+pub const SAMPLE_RATE: u32 = 16_000;
+/// The encoder sees at most 30 s; 1500 frames of 20 ms.
+const MAX_AUDIO_CTX: usize = 1500;
+
+static LOG_HOOKS: Once = Once::new();
+
+/// The shared, read-only model. Cheap to clone.
+#[derive(Clone)]
+pub struct WhisperModel {
+    context: Arc<WhisperContext>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for WhisperModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WhisperModel").field("path", &self.path).finish()
+    }
+}
+
+/// Options of one decode.
+#[derive(Debug, Clone)]
+pub struct DecodeOptions {
+    pub threads: usize,
+    pub language: String,
+    /// Shrink the encoder window to the audio's real length instead of 30 s.
+    pub fit_audio_ctx: bool,
+    /// Text the decoder is conditioned on (e.g. the committed part of an utterance).
+    pub prompt: Option<String>,
+}
+
+impl Default for DecodeOptions {
+    fn default() -> Self {
+        DecodeOptions {
+            threads: 1,
+            language: "en".into(),
+            fit_audio_ctx: true,
+            prompt: None,
+        }
+    }
+}
+
+impl WhisperModel {
+    /// Loads a whisper.cpp ggml model (e.g. one made by `talkline models fetch`).
+    pub fn load(path: &Path) -> Result<Self> {
+        // whisper.cpp prints to stderr by default; route it through `tracing` instead.
+        LOG_HOOKS.call_once(whisper_rs::install_logging_hooks);
+        if !path.is_file() {
+            return Err(AsrError::ModelLoad {
+                path: path.to_path_buf(),
+                reason: "no such file".into(),
+            });
+        }
+        let context = WhisperContext::new_with_params(path, WhisperContextParameters::default())
+            .map_err(|e| AsrError::ModelLoad {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })?;
+        Ok(WhisperModel {
+            context: Arc::new(context),
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A decoding state of its own (mel, KV caches), for one user.
+    pub fn session(&self) -> Result<WhisperSession> {
+        let state = self
+            .context
+            .create_state()
+            .map_err(|e| AsrError::Inference(format!("cannot create a decoding state: {e}")))?;
+        Ok(WhisperSession {
+            _model: self.clone(),
+            state,
+        })
+    }
+}
+
+/// One user's decoding state over a shared [`WhisperModel`].
+pub struct WhisperSession {
+    _model: WhisperModel,
+    state: WhisperState,
+}
+
+impl WhisperSession {
+    /// Transcribes 16 kHz mono audio in one go and returns the text, trimmed.
+    pub fn transcribe(&mut self, pcm: &[f32], options: &DecodeOptions) -> Result<String> {
+        let mut params = FullParams::new(SamplingStrategy::Greedy { best_of: 1 });
+        params.set_n_threads(options.threads.max(1) as i32);
+        params.set_language(Some(&options.language));
+        params.set_print_progress(false);
+        params.set_print_realtime(false);
+        params.set_print_special(false);
+        params.set_print_timestamps(false);
+        params.set_no_timestamps(true);
+        params.set_single_segment(true);
+        params.set_suppress_nst(true);
+        if let Some(prompt) = &options.prompt {
+            params.set_initial_prompt(prompt);
+        }
+        if options.fit_audio_ctx {
+            params.set_audio_ctx(audio_ctx_for(pcm.len()) as i32);
+        }
+        self.state
+            .full(params, pcm)
+            .map_err(|e| AsrError::Inference(e.to_string()))?;
+        let mut text = String::new();
+        for segment in self.state.as_iter() {
+            let piece = segment
+                .to_str_lossy()
+                .map_err(|e| AsrError::Inference(e.to_string()))?;
+            text.push_str(&piece);
+        }
+        Ok(text.trim().to_string())
+    }
+}
+
+/// Encoder frames for `samples` of audio: 50 per second, plus a little headroom because
+/// whisper.cpp's quality drops sharply when the window is cut exactly at the last word.
+pub fn audio_ctx_for(samples: usize) -> usize {
+    const FRAMES_PER_SECOND: usize = 50;
+    const HEADROOM_FRAMES: usize = 64;
+    let frames = samples * FRAMES_PER_SECOND / SAMPLE_RATE as usize;
+    (frames + HEADROOM_FRAMES).min(MAX_AUDIO_CTX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn audio_ctx_tracks_length_and_caps_at_30_seconds() {
+        assert_eq!(audio_ctx_for(16_000), 50 + 64);
+        assert_eq!(audio_ctx_for(16_000 * 60), 1500);
+    }
+
+    #[test]
+    fn missing_model_is_a_clear_error() {
+        let err = WhisperModel::load(Path::new("/nonexistent/ggml.bin")).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/ggml.bin"));
+    }
+}
