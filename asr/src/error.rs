@@ -26,6 +26,9 @@ pub type Result<T, E = AsrError> = std::result::Result<T, E>;
 
 impl AsrError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        AsrError::Io { path: path.into(), source }
+        AsrError::Io {
+            path: path.into(),
+            source,
+        }
     }
 }

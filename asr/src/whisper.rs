@@ -25,7 +25,9 @@ pub struct WhisperModel {
 
 impl std::fmt::Debug for WhisperModel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WhisperModel").field("path", &self.path).finish()
+        f.debug_struct("WhisperModel")
+            .field("path", &self.path)
+            .finish()
     }
 }
 

@@ -285,7 +285,12 @@ mod tests {
             "WhisperSpec",
             &[
                 ("a/weight", vec![2, 2], Ct2Dtype::F16, weights),
-                ("a/num_heads", vec![], Ct2Dtype::I16, 6i16.to_le_bytes().to_vec()),
+                (
+                    "a/num_heads",
+                    vec![],
+                    Ct2Dtype::I16,
+                    6i16.to_le_bytes().to_vec(),
+                ),
             ],
             &[("b/weight", "a/weight")],
         );

@@ -70,9 +70,12 @@ pub struct Tensor {
 }
 
 fn i32_of(v: usize, what: &str) -> io::Result<[u8; 4]> {
-    i32::try_from(v)
-        .map(i32::to_le_bytes)
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, format!("{what} {v} exceeds i32")))
+    i32::try_from(v).map(i32::to_le_bytes).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{what} {v} exceeds i32"),
+        )
+    })
 }
 
 pub fn write_header(

@@ -75,7 +75,11 @@ mod tests {
             (79, 199, 0.000_448_759),
             (79, 200, 0.0),
         ] {
-            assert!((at(m, k) - expected).abs() < 1e-7, "[{m},{k}] = {} != {expected}", at(m, k));
+            assert!(
+                (at(m, k) - expected).abs() < 1e-7,
+                "[{m},{k}] = {} != {expected}",
+                at(m, k)
+            );
         }
         let total: f64 = w.iter().map(|&v| v as f64).sum();
         assert!((total - 1.999_024).abs() < 1e-4, "{total}");

@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{AsrError, Result};
 use ct2::{Ct2Model, Ct2Variable};
-use ggml::{Tensor, TensorType, WhisperHparams};
 pub use ggml::WeightType;
+use ggml::{Tensor, TensorType, WhisperHparams};
 
 const END_OF_TEXT: &str = "<|endoftext|>";
 
@@ -213,16 +213,28 @@ fn map_tensors(
         copy(push, &format!("{src}/beta"), &format!("{dst}.bias"))
     };
 
-    copy(&mut push, "encoder/position_encodings/encodings", "encoder.positional_embedding")?;
+    copy(
+        &mut push,
+        "encoder/position_encodings/encodings",
+        "encoder.positional_embedding",
+    )?;
     for conv in ["conv1", "conv2"] {
-        copy(&mut push, &format!("encoder/{conv}/weight"), &format!("encoder.{conv}.weight"))?;
+        copy(
+            &mut push,
+            &format!("encoder/{conv}/weight"),
+            &format!("encoder.{conv}.weight"),
+        )?;
         let (shape, bias) = floats(model, &format!("encoder/{conv}/bias"))?;
         // whisper.cpp adds the conv bias as a [n, 1] tensor.
         push(format!("encoder.{conv}.bias"), vec![shape[0], 1], bias);
     }
     for i in 0..hp.n_audio_layer {
         let (src, dst) = (format!("encoder/layer_{i}"), format!("encoder.blocks.{i}"));
-        norm(&mut push, &format!("{src}/self_attention/layer_norm"), &format!("{dst}.attn_ln"))?;
+        norm(
+            &mut push,
+            &format!("{src}/self_attention/layer_norm"),
+            &format!("{dst}.attn_ln"),
+        )?;
         split_fused(
             model,
             &mut push,
@@ -231,18 +243,46 @@ fn map_tensors(
             &["query", "key", "value"],
             hp.n_audio_state,
         )?;
-        linear(&mut push, &format!("{src}/self_attention/linear_1"), &format!("{dst}.attn.out"))?;
-        norm(&mut push, &format!("{src}/ffn/layer_norm"), &format!("{dst}.mlp_ln"))?;
-        linear(&mut push, &format!("{src}/ffn/linear_0"), &format!("{dst}.mlp.0"))?;
-        linear(&mut push, &format!("{src}/ffn/linear_1"), &format!("{dst}.mlp.2"))?;
+        linear(
+            &mut push,
+            &format!("{src}/self_attention/linear_1"),
+            &format!("{dst}.attn.out"),
+        )?;
+        norm(
+            &mut push,
+            &format!("{src}/ffn/layer_norm"),
+            &format!("{dst}.mlp_ln"),
+        )?;
+        linear(
+            &mut push,
+            &format!("{src}/ffn/linear_0"),
+            &format!("{dst}.mlp.0"),
+        )?;
+        linear(
+            &mut push,
+            &format!("{src}/ffn/linear_1"),
+            &format!("{dst}.mlp.2"),
+        )?;
     }
     norm(&mut push, "encoder/layer_norm", "encoder.ln_post")?;
 
-    copy(&mut push, "decoder/position_encodings/encodings", "decoder.positional_embedding")?;
-    copy(&mut push, "decoder/embeddings/weight", "decoder.token_embedding.weight")?;
+    copy(
+        &mut push,
+        "decoder/position_encodings/encodings",
+        "decoder.positional_embedding",
+    )?;
+    copy(
+        &mut push,
+        "decoder/embeddings/weight",
+        "decoder.token_embedding.weight",
+    )?;
     for i in 0..hp.n_text_layer {
         let (src, dst) = (format!("decoder/layer_{i}"), format!("decoder.blocks.{i}"));
-        norm(&mut push, &format!("{src}/self_attention/layer_norm"), &format!("{dst}.attn_ln"))?;
+        norm(
+            &mut push,
+            &format!("{src}/self_attention/layer_norm"),
+            &format!("{dst}.attn_ln"),
+        )?;
         split_fused(
             model,
             &mut push,
@@ -251,9 +291,21 @@ fn map_tensors(
             &["query", "key", "value"],
             hp.n_text_state,
         )?;
-        linear(&mut push, &format!("{src}/self_attention/linear_1"), &format!("{dst}.attn.out"))?;
-        norm(&mut push, &format!("{src}/attention/layer_norm"), &format!("{dst}.cross_attn_ln"))?;
-        linear(&mut push, &format!("{src}/attention/linear_0"), &format!("{dst}.cross_attn.query"))?;
+        linear(
+            &mut push,
+            &format!("{src}/self_attention/linear_1"),
+            &format!("{dst}.attn.out"),
+        )?;
+        norm(
+            &mut push,
+            &format!("{src}/attention/layer_norm"),
+            &format!("{dst}.cross_attn_ln"),
+        )?;
+        linear(
+            &mut push,
+            &format!("{src}/attention/linear_0"),
+            &format!("{dst}.cross_attn.query"),
+        )?;
         split_fused(
             model,
             &mut push,
@@ -262,10 +314,26 @@ fn map_tensors(
             &["key", "value"],
             hp.n_text_state,
         )?;
-        linear(&mut push, &format!("{src}/attention/linear_2"), &format!("{dst}.cross_attn.out"))?;
-        norm(&mut push, &format!("{src}/ffn/layer_norm"), &format!("{dst}.mlp_ln"))?;
-        linear(&mut push, &format!("{src}/ffn/linear_0"), &format!("{dst}.mlp.0"))?;
-        linear(&mut push, &format!("{src}/ffn/linear_1"), &format!("{dst}.mlp.2"))?;
+        linear(
+            &mut push,
+            &format!("{src}/attention/linear_2"),
+            &format!("{dst}.cross_attn.out"),
+        )?;
+        norm(
+            &mut push,
+            &format!("{src}/ffn/layer_norm"),
+            &format!("{dst}.mlp_ln"),
+        )?;
+        linear(
+            &mut push,
+            &format!("{src}/ffn/linear_0"),
+            &format!("{dst}.mlp.0"),
+        )?;
+        linear(
+            &mut push,
+            &format!("{src}/ffn/linear_1"),
+            &format!("{dst}.mlp.2"),
+        )?;
     }
     norm(&mut push, "decoder/layer_norm", "decoder.ln")?;
     // `decoder/projection/weight` is an alias of the embeddings (tied output): nothing to write.

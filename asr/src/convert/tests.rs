@@ -8,7 +8,14 @@ use super::*;
 const D: usize = 32;
 const FFN: usize = 64;
 const MELS: usize = 4;
-const VOCAB: [&str; 6] = ["!", "Ġthe", "Ċ", "<|endoftext|>", "<|startoftranscript|>", "<|en|>"];
+const VOCAB: [&str; 6] = [
+    "!",
+    "Ġthe",
+    "Ċ",
+    "<|endoftext|>",
+    "<|startoftranscript|>",
+    "<|en|>",
+];
 
 fn f16_bytes(values: &[f32]) -> Vec<u8> {
     values
@@ -55,10 +62,26 @@ impl Synthetic {
                 add(&mut s, &format!("{l}/{ln}/gamma"), vec![D]);
                 add(&mut s, &format!("{l}/{ln}/beta"), vec![D]);
             }
-            add(&mut s, &format!("{l}/self_attention/linear_0/weight"), vec![3 * D, D]);
-            add(&mut s, &format!("{l}/self_attention/linear_0/bias"), vec![3 * D]);
-            add(&mut s, &format!("{l}/self_attention/linear_1/weight"), vec![D, D]);
-            add(&mut s, &format!("{l}/self_attention/linear_1/bias"), vec![D]);
+            add(
+                &mut s,
+                &format!("{l}/self_attention/linear_0/weight"),
+                vec![3 * D, D],
+            );
+            add(
+                &mut s,
+                &format!("{l}/self_attention/linear_0/bias"),
+                vec![3 * D],
+            );
+            add(
+                &mut s,
+                &format!("{l}/self_attention/linear_1/weight"),
+                vec![D, D],
+            );
+            add(
+                &mut s,
+                &format!("{l}/self_attention/linear_1/bias"),
+                vec![D],
+            );
             add(&mut s, &format!("{l}/ffn/linear_0/weight"), vec![FFN, D]);
             add(&mut s, &format!("{l}/ffn/linear_0/bias"), vec![FFN]);
             add(&mut s, &format!("{l}/ffn/linear_1/weight"), vec![D, FFN]);
@@ -120,7 +143,7 @@ struct GgmlFile {
 
 fn read_ggml(bytes: &[u8]) -> GgmlFile {
     let mut pos = 0;
-    let mut i32_at = |pos: &mut usize| {
+    let i32_at = |pos: &mut usize| {
         let v = i32::from_le_bytes(bytes[*pos..*pos + 4].try_into().unwrap());
         *pos += 4;
         v
@@ -202,9 +225,16 @@ fn synthetic_ct2_converts_to_f16_ggml_with_whisper_cpp_names_and_layout() {
     assert_eq!(report.tensors, file.tensors.len());
     assert_eq!(file.mel.len(), MELS * 201);
     // Only the tokens before <|endoftext|>, as raw bytes.
-    assert_eq!(file.vocab, vec![b"!".to_vec(), b" the".to_vec(), b"\n".to_vec()]);
+    assert_eq!(
+        file.vocab,
+        vec![b"!".to_vec(), b" the".to_vec(), b"\n".to_vec()]
+    );
 
-    let t = |name: &str| file.tensors.get(name).unwrap_or_else(|| panic!("{name} missing"));
+    let t = |name: &str| {
+        file.tensors
+            .get(name)
+            .unwrap_or_else(|| panic!("{name} missing"))
+    };
     // Encoder: 5 stem + 15 per layer + 2 ln_post; decoder: 2 stem + 24 per layer + 2 ln.
     assert_eq!(file.tensors.len(), 50);
     assert!(!file.tensors.keys().any(|k| k.contains("key.bias")));
@@ -224,7 +254,10 @@ fn synthetic_ct2_converts_to_f16_ggml_with_whisper_cpp_names_and_layout() {
     for (p, part) in ["query", "key", "value"].iter().enumerate() {
         let (ty, dims, data) = t(&format!("encoder.blocks.0.attn.{part}.weight"));
         assert_eq!((*ty, dims.clone()), (1, vec![D, D]));
-        assert_eq!(as_f32(*ty, data), f16_round(&fused[p * D * D..(p + 1) * D * D]));
+        assert_eq!(
+            as_f32(*ty, data),
+            f16_round(&fused[p * D * D..(p + 1) * D * D])
+        );
     }
     let fused_bias = model.values("encoder/layer_0/self_attention/linear_0/bias");
     let (ty, _, data) = t("encoder.blocks.0.attn.value.bias");
@@ -240,7 +273,10 @@ fn synthetic_ct2_converts_to_f16_ggml_with_whisper_cpp_names_and_layout() {
         f16_round(model.values("decoder/layer_0/attention/linear_2/bias"))
     );
     let (ty, _, data) = t("decoder.ln.bias");
-    assert_eq!(as_f32(*ty, data), f16_round(model.values("decoder/layer_norm/beta")));
+    assert_eq!(
+        as_f32(*ty, data),
+        f16_round(model.values("decoder/layer_norm/beta"))
+    );
 }
 
 #[test]
@@ -267,7 +303,10 @@ fn q8_0_quantizes_matrices_but_not_convs_norms_or_positions() {
         .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
     // Half a quantization step of the largest block, plus the f16 rounding of the scale.
     let amax = expected.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-    assert!(max_err <= amax / 254.0 + amax * 1e-3, "{max_err} vs amax {amax}");
+    assert!(
+        max_err <= amax / 254.0 + amax * 1e-3,
+        "{max_err} vs amax {amax}"
+    );
 }
 
 #[test]
@@ -287,7 +326,9 @@ fn nonzero_key_bias_and_missing_variables_are_clear_errors() {
     assert!(err.contains("non-zero key bias"), "{err}");
 
     let mut model = Synthetic::whisper();
-    model.vars.retain(|v| v.0 != "encoder/layer_0/ffn/linear_1/bias");
+    model
+        .vars
+        .retain(|v| v.0 != "encoder/layer_0/ffn/linear_1/bias");
     model.write(dir.path());
     let err = convert_ct2_whisper(dir.path(), &dir.path().join("o"), WeightType::F16)
         .unwrap_err()

@@ -1,0 +1,409 @@
+//! `talkline.toml`: the user's configuration, and `talkline config check`.
+//!
+//! Every model has an embedded default in the model cache and can be replaced by a file of the
+//! user's own, by path.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::models::ModelStore;
+
+/// Looked for in the working directory when `--config` is not given.
+pub const DEFAULT_CONFIG_FILE: &str = "talkline.toml";
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub asr: AsrConfig,
+    pub vad: VadConfig,
+    pub llm: LlmConfig,
+    pub tts: TtsConfig,
+    pub onnxruntime: OnnxRuntimeConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AsrConfig {
+    /// A whisper.cpp ggml model of your own; default: the converted tiny.en.
+    pub model: Option<PathBuf>,
+    /// Which conversion of the embedded model to use.
+    pub weights: WhisperWeights,
+    pub threads: usize,
+    pub language: String,
+}
+
+impl Default for AsrConfig {
+    fn default() -> Self {
+        AsrConfig {
+            model: None,
+            weights: WhisperWeights::Q8_0,
+            threads: 1,
+            language: "en".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum WhisperWeights {
+    #[serde(rename = "q8_0")]
+    Q8_0,
+    #[serde(rename = "f16")]
+    F16,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VadConfig {
+    /// A Silero VAD ONNX model of your own.
+    pub model: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "backend", rename_all = "lowercase", deny_unknown_fields)]
+pub enum LlmConfig {
+    /// In-process candle inference on a Llama-family GGUF.
+    Local {
+        #[serde(default)]
+        model: Option<PathBuf>,
+        /// A tokenizer.json; by default the tokenizer is built from the GGUF metadata.
+        #[serde(default)]
+        tokenizer: Option<PathBuf>,
+        #[serde(default = "default_llm_threads")]
+        threads: usize,
+    },
+    /// Any OpenAI-compatible server (vLLM, llama.cpp server, ...).
+    Openai {
+        base_url: String,
+        model: String,
+        /// Name of the environment variable that holds the API key, if the server needs one.
+        #[serde(default)]
+        api_key_env: Option<String>,
+    },
+}
+
+fn default_llm_threads() -> usize {
+    1
+}
+
+impl Default for LlmConfig {
+    fn default() -> Self {
+        LlmConfig::Local {
+            model: None,
+            tokenizer: None,
+            threads: default_llm_threads(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TtsConfig {
+    /// A Piper voice `.onnx` of your own (its `.onnx.json` must sit beside it).
+    pub voice: Option<PathBuf>,
+    /// Speaker id for multi-speaker voices.
+    pub speaker: Option<u32>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OnnxRuntimeConfig {
+    /// `libonnxruntime.so` of your own.
+    pub library: Option<PathBuf>,
+}
+
+impl Config {
+    pub fn from_toml(text: &str) -> Result<Self, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    /// Reads `path`, or `./talkline.toml` if it exists, or returns the defaults.
+    /// The second value says where the config came from.
+    pub fn load(path: Option<&Path>) -> anyhow::Result<(Self, String)> {
+        let path = match path {
+            Some(p) => p.to_path_buf(),
+            None if Path::new(DEFAULT_CONFIG_FILE).is_file() => PathBuf::from(DEFAULT_CONFIG_FILE),
+            None => return Ok((Config::default(), "built-in defaults".into())),
+        };
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", path.display()))?;
+        let config = Self::from_toml(&text)
+            .map_err(|e| anyhow::anyhow!("config {} is invalid: {e}", path.display()))?;
+        Ok((config, path.display().to_string()))
+    }
+
+    /// Every model file this configuration needs.
+    pub fn required_models(&self, store: &ModelStore) -> Vec<RequiredModel> {
+        let embedded = |what, model: &str, file: &str, kind| RequiredModel {
+            what,
+            path: store.file_path(model, file),
+            origin: Origin::Embedded {
+                model: model.to_string(),
+            },
+            kind,
+        };
+        let own = |what, path: &PathBuf, key: &'static str, kind| RequiredModel {
+            what,
+            path: path.clone(),
+            origin: Origin::Configured { key },
+            kind,
+        };
+        let mut out = Vec::new();
+        out.push(match &self.asr.model {
+            Some(p) => own("ASR model", p, "[asr] model", FileKind::WhisperGgml),
+            None => {
+                let file = match self.asr.weights {
+                    WhisperWeights::Q8_0 => "ggml-tiny.en-q8_0.bin",
+                    WhisperWeights::F16 => "ggml-tiny.en-f16.bin",
+                };
+                embedded("ASR model", "whisper-tiny.en", file, FileKind::WhisperGgml)
+            }
+        });
+        out.push(match &self.vad.model {
+            Some(p) => own("VAD model", p, "[vad] model", FileKind::Onnx),
+            None => embedded("VAD model", "silero-vad", "silero_vad.onnx", FileKind::Onnx),
+        });
+        if let LlmConfig::Local {
+            model, tokenizer, ..
+        } = &self.llm
+        {
+            out.push(match model {
+                Some(p) => own("LLM model", p, "[llm] model", FileKind::Gguf),
+                None => embedded(
+                    "LLM model",
+                    "smollm2-135m",
+                    "SmolLM2-135M-Instruct.Q4_1.gguf",
+                    FileKind::Gguf,
+                ),
+            });
+            if let Some(p) = tokenizer {
+                out.push(own("LLM tokenizer", p, "[llm] tokenizer", FileKind::Json));
+            }
+        }
+        match &self.tts.voice {
+            Some(p) => {
+                out.push(own("TTS voice", p, "[tts] voice", FileKind::Onnx));
+                let mut config = p.clone().into_os_string();
+                config.push(".json");
+                out.push(own(
+                    "TTS voice config",
+                    &config.into(),
+                    "[tts] voice",
+                    FileKind::Json,
+                ));
+            }
+            None => {
+                let model = "piper-joe";
+                out.push(embedded(
+                    "TTS voice",
+                    model,
+                    "en_US-joe-medium.onnx",
+                    FileKind::Onnx,
+                ));
+                out.push(embedded(
+                    "TTS voice config",
+                    model,
+                    "en_US-joe-medium.onnx.json",
+                    FileKind::Json,
+                ));
+            }
+        }
+        out.push(match &self.onnxruntime.library {
+            Some(p) => own(
+                "ONNX Runtime",
+                p,
+                "[onnxruntime] library",
+                FileKind::SharedLibrary,
+            ),
+            None => embedded(
+                "ONNX Runtime",
+                "onnxruntime",
+                "libonnxruntime.so.1.32.0",
+                FileKind::SharedLibrary,
+            ),
+        });
+        out
+    }
+}
+
+/// Where a required file comes from, which decides how to fix it when it is missing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    Embedded { model: String },
+    Configured { key: &'static str },
+}
+
+/// What a file must look like; checked from its first bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileKind {
+    WhisperGgml,
+    Gguf,
+    Onnx,
+    Json,
+    SharedLibrary,
+}
+
+#[derive(Debug, Clone)]
+pub struct RequiredModel {
+    pub what: &'static str,
+    pub path: PathBuf,
+    pub origin: Origin,
+    pub kind: FileKind,
+}
+
+/// The verdict on one required file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Readiness {
+    Ready,
+    Problem { reason: String, fix: String },
+}
+
+impl RequiredModel {
+    pub fn check(&self) -> Readiness {
+        let fix = match &self.origin {
+            Origin::Embedded { model } => format!("run `talkline models fetch --only {model}`"),
+            Origin::Configured { key } => format!("point {key} at an existing file"),
+        };
+        if !self.path.is_file() {
+            return Readiness::Problem {
+                reason: "missing".into(),
+                fix,
+            };
+        }
+        match sniff(&self.path, self.kind) {
+            Ok(()) => Readiness::Ready,
+            Err(reason) => Readiness::Problem {
+                reason,
+                fix: match &self.origin {
+                    Origin::Embedded { model } => {
+                        format!("run `talkline models fetch --only {model}` to repair it")
+                    }
+                    Origin::Configured { key } => format!("point {key} at a valid file"),
+                },
+            },
+        }
+    }
+}
+
+/// Checks the magic bytes of a file, so a wrong file is reported before a loader fails on it.
+fn sniff(path: &Path, kind: FileKind) -> Result<(), String> {
+    use std::io::Read;
+    let mut head = [0u8; 4];
+    let read = std::fs::File::open(path)
+        .and_then(|mut f| f.read(&mut head))
+        .map_err(|e| format!("unreadable: {e}"))?;
+    let head = &head[..read];
+    let ok = match kind {
+        FileKind::WhisperGgml => head == 0x6767_6d6cu32.to_le_bytes(),
+        FileKind::Gguf => head == b"GGUF",
+        FileKind::SharedLibrary => head == b"\x7fELF",
+        // ONNX is a protobuf without a magic number; JSON must at least open an object.
+        FileKind::Onnx => read > 0,
+        FileKind::Json => head.first().is_some_and(|b| *b == b'{'),
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("not a {kind:?} file"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_need_every_embedded_model() {
+        let store = ModelStore::at("/cache");
+        let required = Config::default().required_models(&store);
+        let models: Vec<_> = required
+            .iter()
+            .filter_map(|r| match &r.origin {
+                Origin::Embedded { model } => Some(model.as_str()),
+                Origin::Configured { .. } => None,
+            })
+            .collect();
+        for m in [
+            "whisper-tiny.en",
+            "silero-vad",
+            "smollm2-135m",
+            "piper-joe",
+            "onnxruntime",
+        ] {
+            assert!(models.contains(&m), "{m} not required");
+        }
+        // Every embedded path names a file the manifest really provides.
+        for r in &required {
+            if let Origin::Embedded { model } = &r.origin {
+                let entry = store.entry(model).unwrap();
+                let rel = r.path.strip_prefix(store.model_dir(model)).unwrap();
+                assert!(entry.file(rel.to_str().unwrap()).is_some(), "{rel:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn own_models_by_path_and_openai_backend() {
+        let config = Config::from_toml(
+            r#"
+            [asr]
+            model = "/m/ggml-base.en.bin"
+            [llm]
+            backend = "openai"
+            base_url = "http://127.0.0.1:8080/v1"
+            model = "llama-3.2-1b"
+            [tts]
+            voice = "/v/en_GB-alan-low.onnx"
+            "#,
+        )
+        .unwrap();
+        let required = config.required_models(&ModelStore::at("/cache"));
+        let paths: Vec<_> = required.iter().map(|r| r.path.to_str().unwrap()).collect();
+        assert!(paths.contains(&"/m/ggml-base.en.bin"));
+        assert!(paths.contains(&"/v/en_GB-alan-low.onnx.json"));
+        assert!(
+            !required.iter().any(|r| r.what == "LLM model"),
+            "remote LLM needs no file"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_and_backends_are_rejected_with_their_name() {
+        let err = Config::from_toml("[asr]\nmodle = \"x\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("modle"), "{err}");
+        let err = Config::from_toml("[llm]\nbackend = \"gpt\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("gpt"), "{err}");
+    }
+
+    #[test]
+    fn missing_and_wrong_files_name_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ModelStore::at(dir.path());
+        let fake = dir.path().join("fake.gguf");
+        std::fs::write(&fake, b"not a gguf").unwrap();
+        let config = Config {
+            llm: LlmConfig::Local {
+                model: Some(fake),
+                tokenizer: None,
+                threads: 1,
+            },
+            ..Config::default()
+        };
+        for r in config.required_models(&store) {
+            match (r.what, r.check()) {
+                ("LLM model", Readiness::Problem { reason, fix }) => {
+                    assert!(reason.contains("Gguf"), "{reason}");
+                    assert!(fix.contains("[llm] model"), "{fix}");
+                }
+                ("ASR model", Readiness::Problem { fix, .. }) => {
+                    assert_eq!(fix, "run `talkline models fetch --only whisper-tiny.en`");
+                }
+                (what, verdict) => assert!(matches!(verdict, Readiness::Problem { .. }), "{what}"),
+            }
+        }
+    }
+}

@@ -1,0 +1,110 @@
+//! Helpers shared by the integration tests: find the real `talkline` binary, run it, find the
+//! real models, and make real speech with espeak-ng.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The `talkline` binary under test: `$TALKLINE_BIN`, else the one cargo built beside the tests.
+pub fn talkline_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("TALKLINE_BIN") {
+        return PathBuf::from(bin);
+    }
+    // Test executables live in target/<profile>/deps/; the binary in target/<profile>/.
+    let exe = std::env::current_exe().expect("the test knows its own path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binaries live in target/<profile>/deps");
+    let bin = profile_dir.join("talkline");
+    assert!(
+        bin.is_file(),
+        "{} is missing: build it first with `cargo build --bin talkline` (scripts/test does)",
+        bin.display()
+    );
+    bin
+}
+
+/// Runs `talkline ARGS` with extra environment variables; returns its output.
+pub fn talkline(args: &[&str], env: &[(&str, &Path)]) -> Output {
+    let mut cmd = Command::new(talkline_bin());
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("talkline runs")
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// The shared model cache, as `talkline models dir` reports it. Tests that need real models use
+/// it; `scripts/test` runs `talkline models fetch` first.
+pub fn models_dir() -> PathBuf {
+    let out = talkline(&["models", "dir"], &[]);
+    assert!(
+        out.status.success(),
+        "talkline models dir: {}",
+        stderr(&out)
+    );
+    PathBuf::from(stdout(&out).trim())
+}
+
+/// A real model file from the cache, or a failure that says how to fetch it.
+pub fn real_model(model: &str, file: &str) -> PathBuf {
+    let path = models_dir().join(model).join(file);
+    assert!(
+        path.is_file(),
+        "{} is missing: run `talkline models fetch --only {model}`",
+        path.display()
+    );
+    path
+}
+
+/// Speaks `text` with espeak-ng (voice en-us) and returns 16 kHz mono f32 samples.
+pub fn espeak_16k(text: &str) -> Vec<f32> {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let raw = dir.path().join("raw.wav");
+    let wav = dir.path().join("16k.wav");
+    let status = Command::new("espeak-ng")
+        .args(["-v", "en-us", "-w"])
+        .arg(&raw)
+        .arg(text)
+        .status()
+        .expect("espeak-ng is installed (apt-get install espeak-ng; scripts/test does)");
+    assert!(status.success());
+    let status = Command::new("sox")
+        .arg(&raw)
+        .args(["-r", "16000", "-c", "1", "-b", "16"])
+        .arg(&wav)
+        .status()
+        .expect("sox is installed (apt-get install sox; scripts/test does)");
+    assert!(status.success());
+    read_wav_f32(&wav)
+}
+
+/// Reads a 16-bit PCM WAV as f32 in [-1, 1].
+pub fn read_wav_f32(path: &Path) -> Vec<f32> {
+    let mut reader = hound::WavReader::open(path).expect("a readable WAV");
+    reader
+        .samples::<i16>()
+        .map(|s| s.expect("valid sample") as f32 / 32768.0)
+        .collect()
+}
+
+/// Lower-case words without punctuation, for comparing transcripts.
+pub fn words(text: &str) -> Vec<String> {
+    text.split_whitespace()
+        .map(|w| {
+            w.chars()
+                .filter(|c| c.is_alphanumeric() || *c == '\'')
+                .collect::<String>()
+                .to_lowercase()
+        })
+        .filter(|w| !w.is_empty())
+        .collect()
+}
