@@ -18,6 +18,10 @@ pub enum AsrError {
     ModelLoad { path: PathBuf, reason: String },
     #[error("Whisper inference failed: {0}")]
     Inference(String),
+    #[error("{path} is not usable audio: {reason} (expected a WAV file)")]
+    BadAudioFile { path: PathBuf, reason: String },
+    #[error("ONNX Runtime: {0}")]
+    Onnx(String),
     #[error("audio must be 16 kHz mono; got {sample_rate} Hz with {channels} channel(s)")]
     AudioFormat { sample_rate: u32, channels: u16 },
 }

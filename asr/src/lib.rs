@@ -5,8 +5,10 @@
 //!
 //! **Architecture invariant: this crate knows nothing about transports, sessions or the LLM.**
 
+pub mod audio;
 pub mod convert;
 pub mod error;
+pub mod vad;
 pub mod whisper;
 
 pub use error::{AsrError, Result};

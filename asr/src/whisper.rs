@@ -86,7 +86,7 @@ impl WhisperModel {
             .create_state()
             .map_err(|e| AsrError::Inference(format!("cannot create a decoding state: {e}")))?;
         Ok(WhisperSession {
-            _model: self.clone(),
+            model: self.clone(),
             state,
         })
     }
@@ -94,13 +94,52 @@ impl WhisperModel {
 
 /// One user's decoding state over a shared [`WhisperModel`].
 pub struct WhisperSession {
-    _model: WhisperModel,
+    model: WhisperModel,
     state: WhisperState,
+}
+
+/// A recognised word with its position in the decoded audio, in seconds from the audio's start.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Word {
+    /// The word as Whisper wrote it, with attached punctuation, without the leading space.
+    pub text: String,
+    pub start: f64,
+    pub end: f64,
+}
+
+/// One decode of an audio window.
+#[derive(Debug, Clone, Default)]
+pub struct Hypothesis {
+    pub words: Vec<Word>,
+    /// Whisper's probability that the window holds no speech.
+    pub no_speech_probability: f32,
+}
+
+impl Hypothesis {
+    pub fn text(&self) -> String {
+        join_words(&self.words)
+    }
+}
+
+pub fn join_words(words: &[Word]) -> String {
+    let mut text = String::new();
+    for w in words {
+        if !text.is_empty() {
+            text.push(' ');
+        }
+        text.push_str(&w.text);
+    }
+    text
 }
 
 impl WhisperSession {
     /// Transcribes 16 kHz mono audio in one go and returns the text, trimmed.
     pub fn transcribe(&mut self, pcm: &[f32], options: &DecodeOptions) -> Result<String> {
+        Ok(self.decode(pcm, options)?.text())
+    }
+
+    /// Decodes 16 kHz mono audio into words with timestamps.
+    pub fn decode(&mut self, pcm: &[f32], options: &DecodeOptions) -> Result<Hypothesis> {
         let mut params = FullParams::new(SamplingStrategy::Greedy { best_of: 1 });
         params.set_n_threads(options.threads.max(1) as i32);
         params.set_language(Some(&options.language));
@@ -110,24 +149,70 @@ impl WhisperSession {
         params.set_print_timestamps(false);
         params.set_no_timestamps(true);
         params.set_single_segment(true);
+        params.set_token_timestamps(true);
         params.set_suppress_nst(true);
-        if let Some(prompt) = &options.prompt {
+        params.set_suppress_blank(true);
+        // A streaming window is short: no temperature fallback re-decodes, they cost latency.
+        params.set_temperature_inc(0.0);
+        if let Some(prompt) = options.prompt.as_deref().filter(|p| !p.is_empty()) {
             params.set_initial_prompt(prompt);
         }
         if options.fit_audio_ctx {
             params.set_audio_ctx(audio_ctx_for(pcm.len()) as i32);
         }
+        // whisper.cpp refuses windows shorter than 100 ms; pad with silence.
+        const MIN_SAMPLES: usize = SAMPLE_RATE as usize / 10 + 1;
+        let padded;
+        let pcm = if pcm.len() < MIN_SAMPLES {
+            padded = [pcm, &vec![0.0; MIN_SAMPLES - pcm.len()]].concat();
+            &padded[..]
+        } else {
+            pcm
+        };
         self.state
             .full(params, pcm)
             .map_err(|e| AsrError::Inference(e.to_string()))?;
-        let mut text = String::new();
+        let eot = self.model.context.token_eot();
+        let mut hypothesis = Hypothesis::default();
         for segment in self.state.as_iter() {
-            let piece = segment
-                .to_str_lossy()
-                .map_err(|e| AsrError::Inference(e.to_string()))?;
-            text.push_str(&piece);
+            hypothesis.no_speech_probability = segment.no_speech_probability();
+            for i in 0..segment.n_tokens() {
+                let Some(token) = segment.get_token(i) else {
+                    continue;
+                };
+                if token.token_id() >= eot {
+                    continue; // special and timestamp tokens
+                }
+                let data = token.token_data();
+                let Ok(piece) = token.to_str_lossy() else {
+                    continue;
+                };
+                // whisper.cpp token times are in 10 ms units.
+                let (t0, t1) = (data.t0 as f64 / 100.0, data.t1 as f64 / 100.0);
+                push_piece(&mut hypothesis.words, &piece, t0, t1);
+            }
         }
-        Ok(text.trim().to_string())
+        Ok(hypothesis)
+    }
+}
+
+/// Appends a token's text: a leading space starts a new word, anything else extends the last.
+fn push_piece(words: &mut Vec<Word>, piece: &str, t0: f64, t1: f64) {
+    let starts_word = piece.starts_with(' ') || words.is_empty();
+    let trimmed = piece.trim();
+    if trimmed.is_empty() {
+        return;
+    }
+    match words.last_mut() {
+        Some(last) if !starts_word => {
+            last.text.push_str(trimmed);
+            last.end = last.end.max(t1);
+        }
+        _ => words.push(Word {
+            text: trimmed.to_string(),
+            start: t0,
+            end: t1.max(t0),
+        }),
     }
 }
 
@@ -148,6 +233,17 @@ mod tests {
     fn audio_ctx_tracks_length_and_caps_at_30_seconds() {
         assert_eq!(audio_ctx_for(16_000), 50 + 64);
         assert_eq!(audio_ctx_for(16_000 * 60), 1500);
+    }
+
+    #[test]
+    fn tokens_join_into_words_with_times() {
+        let mut words = Vec::new();
+        for (piece, t0, t1) in [(" Hel", 0.0, 0.2), ("lo", 0.2, 0.3), (",", 0.3, 0.3), (" world", 0.4, 0.8)] {
+            push_piece(&mut words, piece, t0, t1);
+        }
+        assert_eq!(join_words(&words), "Hello, world");
+        assert_eq!((words[0].start, words[0].end), (0.0, 0.3));
+        assert_eq!(words[1].start, 0.4);
     }
 
     #[test]
