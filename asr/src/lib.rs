@@ -8,6 +8,8 @@
 pub mod audio;
 pub mod convert;
 pub mod error;
+pub mod offline;
+pub mod streaming;
 pub mod vad;
 pub mod whisper;
 

@@ -165,7 +165,7 @@ impl Default for VadConfig {
             threshold: 0.5,
             release_threshold: 0.35,
             min_speech_s: 0.1,
-            min_silence_s: 0.25,
+            min_silence_s: 0.2,
         }
     }
 }
@@ -329,10 +329,10 @@ mod tests {
         assert_eq!(kinds.len(), 3, "{events:?}");
         assert!(matches!(kinds[0], VadEvent::SpeechStarted { at } if (at - 0.096).abs() < 1e-9));
         assert!(matches!(kinds[1], VadEvent::PauseStarted { at } if (at - 0.736).abs() < 1e-9));
-        // Fires at the first window end at least 250 ms after the pause began.
+        // Fires at the first window end at least 200 ms after the pause began.
         let (fired_at, ended) = events[2];
         assert!(matches!(ended, VadEvent::SpeechEnded { pause_at } if (pause_at - 0.736).abs() < 1e-9));
-        assert!(fired_at - 0.736 >= 0.25 && fired_at - 0.736 < 0.25 + 0.032);
+        assert!(fired_at - 0.736 >= 0.2 && fired_at - 0.736 < 0.2 + 0.032);
     }
 
     #[test]
@@ -353,7 +353,7 @@ mod tests {
         let mut e = Endpointer::new(VadConfig::default());
         drive(&mut e, &[0.9; 10], 0.0); // speech until 0.32 s, then the transport goes quiet
         let deadline = e.poll_timeout().expect("a timer while in speech");
-        assert!((deadline - (0.32 + 0.25)).abs() < 1e-9);
+        assert!((deadline - (0.32 + 0.2)).abs() < 1e-9);
         assert_eq!(e.handle_timeout(deadline - 0.01), None);
         assert!(matches!(
             e.handle_timeout(deadline),

@@ -147,7 +147,8 @@ impl WhisperSession {
         params.set_print_realtime(false);
         params.set_print_special(false);
         params.set_print_timestamps(false);
-        params.set_no_timestamps(true);
+        // Timestamp tokens anchor the token-level times that trimming and the seam rely on.
+        params.set_no_timestamps(false);
         params.set_single_segment(true);
         params.set_token_timestamps(true);
         params.set_suppress_nst(true);
@@ -160,6 +161,10 @@ impl WhisperSession {
         if options.fit_audio_ctx {
             params.set_audio_ctx(audio_ctx_for(pcm.len()) as i32);
         }
+        // Short windows make Whisper loop ("My dog. My dog. ..."); nobody says more than about
+        // 8 tokens a second.
+        let seconds = pcm.len() as f64 / SAMPLE_RATE as f64;
+        params.set_max_tokens((8.0 * seconds).ceil() as i32 + 4);
         // whisper.cpp refuses windows shorter than 100 ms; pad with silence.
         const MIN_SAMPLES: usize = SAMPLE_RATE as usize / 10 + 1;
         let padded;

@@ -30,6 +30,10 @@ pub enum Command {
         #[command(subcommand)]
         command: ModelsCommand,
     },
+    /// Transcribe a WAV file with the streaming recognizer, one line per utterance.
+    Transcribe(crate::transcribe::TranscribeArgs),
+    /// Chat with the configured LLM in the terminal (one line per turn), streaming its tokens.
+    Chat(crate::chat::ChatArgs),
     /// Inspect the configuration.
     Config {
         #[command(subcommand)]
@@ -96,6 +100,11 @@ fn init_logging(verbose: u8) {
 fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Models { command } => models(command),
+        Command::Chat(args) => crate::chat::run(cli.config.as_deref(), args).map(|()| ExitCode::SUCCESS),
+        Command::Transcribe(args) => {
+            crate::transcribe::run(args, cli.config.as_deref())?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Config {
             command: ConfigCommand::Check,
         } => config_check(cli.config),

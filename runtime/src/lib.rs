@@ -2,6 +2,9 @@
 //!
 //! The `talkline` binary (`main.rs`) is a thin shell over [`cli::run`].
 
+pub mod chat;
 pub mod cli;
 pub mod config;
 pub mod models;
+pub mod onnx;
+pub mod transcribe;

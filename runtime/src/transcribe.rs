@@ -1,0 +1,139 @@
+//! `talkline transcribe FILE.wav`: the streaming recognizer over a recorded file.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use talkline_asr::offline::transcribe_stream;
+use talkline_asr::streaming::{AsrEvent, StreamingConfig, StreamingRecognizer};
+use talkline_asr::vad::{EnergyVad, SileroVad, SpeechProbability};
+use talkline_asr::whisper::{DecodeOptions, WhisperModel};
+
+use crate::config::{Config, RequiredModel};
+use crate::models::ModelStore;
+
+#[derive(Debug, clap::Args)]
+pub struct TranscribeArgs {
+    /// A WAV file (any sample rate, 8-32 bit PCM or float, mono or stereo).
+    pub file: PathBuf,
+    /// Also print the partial transcripts as they would have appeared live.
+    #[arg(long)]
+    pub partials: bool,
+    /// Print every event as a JSON line, with media timestamps and the end-of-speech -> final
+    /// latency of each utterance.
+    #[arg(long)]
+    pub json: bool,
+    /// Whisper threads (default: from the config).
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+fn model_path(config: &Config, store: &ModelStore, what: &str) -> Option<RequiredModel> {
+    config
+        .required_models(store)
+        .into_iter()
+        .find(|r| r.what == what)
+}
+
+/// The Silero VAD when its model and ONNX Runtime are present, else the energy VAD with a warning.
+pub fn load_vad(config: &Config, store: &ModelStore) -> Box<dyn SpeechProbability> {
+    let silero = (|| -> anyhow::Result<SileroVad> {
+        let vad = model_path(config, store, "VAD model").context("no VAD model configured")?;
+        let ort = model_path(config, store, "ONNX Runtime").context("no ONNX Runtime configured")?;
+        let env = crate::onnx::environment(&ort.path)?;
+        Ok(SileroVad::load(&env, &vad.path)?)
+    })();
+    match silero {
+        Ok(vad) => Box::new(vad),
+        Err(e) => {
+            tracing::warn!("Silero VAD unavailable ({e:#}); falling back to the energy VAD");
+            eprintln!("warning: Silero VAD unavailable ({e:#}); using the energy VAD");
+            Box::new(EnergyVad::default())
+        }
+    }
+}
+
+pub fn load_whisper(config: &Config, store: &ModelStore) -> anyhow::Result<WhisperModel> {
+    let asr = model_path(config, store, "ASR model").context("no ASR model configured")?;
+    if !asr.path.is_file() {
+        anyhow::bail!(
+            "ASR model {} is missing: {}",
+            asr.path.display(),
+            match &asr.origin {
+                crate::config::Origin::Embedded { model } =>
+                    format!("run `talkline models fetch --only {model}`"),
+                crate::config::Origin::Configured { key } => format!("check {key}"),
+            }
+        );
+    }
+    Ok(WhisperModel::load(&asr.path)?)
+}
+
+pub fn run(args: TranscribeArgs, config_path: Option<&Path>) -> anyhow::Result<()> {
+    let (config, _) = Config::load(config_path)?;
+    let store = ModelStore::open_default()?;
+    let audio = talkline_asr::audio::read_wav_16k(&args.file)?;
+    let model = load_whisper(&config, &store)?;
+    let mut session = model.session()?;
+    let vad = load_vad(&config, &store);
+    let mut recognizer = StreamingRecognizer::new(StreamingConfig::default(), vad);
+    let options = DecodeOptions {
+        threads: args.threads.unwrap_or(config.asr.threads),
+        language: config.asr.language.clone(),
+        ..DecodeOptions::default()
+    };
+    let events = transcribe_stream(&mut recognizer, &mut session, &options, &audio)?;
+    let mut speech_end_detected = None;
+    for timed in events {
+        match &timed.event {
+            AsrEvent::SpeechEnded { .. } => speech_end_detected = Some(timed.media_time),
+            AsrEvent::Final { text, .. } if !args.json => {
+                if !text.is_empty() {
+                    println!("{text}");
+                }
+            }
+            AsrEvent::Partial {
+                committed,
+                tentative,
+                ..
+            } if args.partials && !args.json => {
+                println!("  [{:7.2}s] {committed} | {tentative}", timed.media_time);
+            }
+            _ => {}
+        }
+        if args.json {
+            println!("{}", event_json(&timed, speech_end_detected));
+        }
+    }
+    Ok(())
+}
+
+fn event_json(timed: &talkline_asr::offline::TimedEvent, speech_end_detected: Option<f64>) -> String {
+    use serde_json::json;
+    let t = timed.media_time;
+    let value = match &timed.event {
+        AsrEvent::SpeechStarted { at } => json!({"type": "speech_started", "t": t, "at": at}),
+        AsrEvent::SpeechEnded { at } => json!({"type": "speech_ended", "t": t, "at": at}),
+        AsrEvent::Partial {
+            committed,
+            tentative,
+            audio_end,
+        } => json!({"type": "partial", "t": t, "committed": committed, "tentative": tentative,
+                    "audio_end": audio_end, "decode_ms": timed.decode_ms}),
+        AsrEvent::Final {
+            text,
+            start,
+            end,
+            words,
+            decode_after_endpoint_ms,
+        } => {
+            // Live, the Final lands when the endpoint is detected plus any decode run after it.
+            let detect_ms = speech_end_detected.map(|d| (d - end) * 1000.0);
+            json!({"type": "final", "t": t, "text": text, "start": start, "end": end,
+                   "words": words.iter().map(|w| json!({"w": w.text, "start": w.start, "end": w.end})).collect::<Vec<_>>(),
+                   "endpoint_detect_ms": detect_ms,
+                   "decode_after_endpoint_ms": decode_after_endpoint_ms,
+                   "eos_to_final_ms": detect_ms.map(|d| d + decode_after_endpoint_ms)})
+        }
+    };
+    value.to_string()
+}
