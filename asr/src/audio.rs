@@ -63,8 +63,14 @@ impl To16k {
         let inner = if input_rate == SAMPLE_RATE {
             None
         } else {
-            let r = FftFixedIn::new(input_rate as usize, SAMPLE_RATE as usize, RESAMPLER_CHUNK, 2, 1)
-                .map_err(|e| AsrError::Inference(format!("resampler: {e}")))?;
+            let r = FftFixedIn::new(
+                input_rate as usize,
+                SAMPLE_RATE as usize,
+                RESAMPLER_CHUNK,
+                2,
+                1,
+            )
+            .map_err(|e| AsrError::Inference(format!("resampler: {e}")))?;
             Some(r)
         };
         Ok(To16k {

@@ -33,7 +33,7 @@ pub struct StreamingConfig {
     /// Media time between partial re-decodes while the user speaks.
     pub hop_s: f64,
     /// Audio kept from before the VAD's speech start (onsets are often scored late).
-    pre_roll_s: f64,
+    pub pre_roll_s: f64,
     /// Window length past which it is cut at the last committed sentence end.
     pub trim_after_s: f64,
     /// Hard bound of the decoded window.
@@ -149,7 +149,12 @@ impl Utterance {
     }
 
     fn committed_text(&self) -> String {
-        let all: Vec<Word> = self.context.iter().chain(&self.committed).cloned().collect();
+        let all: Vec<Word> = self
+            .context
+            .iter()
+            .chain(&self.committed)
+            .cloned()
+            .collect();
         join_words(&all)
     }
 
@@ -158,7 +163,9 @@ impl Utterance {
         const PROMPT_CHARS: usize = 200;
         let text = join_words(&self.context);
         let cut = text.len().saturating_sub(PROMPT_CHARS);
-        let cut = (cut..=text.len()).find(|&i| text.is_char_boundary(i)).unwrap_or(text.len());
+        let cut = (cut..=text.len())
+            .find(|&i| text.is_char_boundary(i))
+            .unwrap_or(text.len());
         text[cut..].trim_start().to_string()
     }
 }
@@ -402,7 +409,8 @@ impl StreamingRecognizer {
                     return;
                 };
                 u.ended_at = Some(pause_at);
-                let latest_covers_pause = u.latest.as_ref().is_some_and(|(end, _)| *end >= pause_at);
+                let latest_covers_pause =
+                    u.latest.as_ref().is_some_and(|(end, _)| *end >= pause_at);
                 let in_flight_covers_pause = self
                     .in_flight
                     .as_ref()
@@ -535,10 +543,17 @@ fn normalize(word: &str) -> String {
 /// share one timestamp) to find the seam. When the hypothesis still starts with the committed
 /// words, the new words follow them; otherwise the seam is where the last committed words (up to
 /// 3) reappear; failing that, position decides.
-fn after_committed<'a>(hypothesis: &'a [Word], committed_in_window: &[Word], context: &[Word]) -> &'a [Word] {
+fn after_committed<'a>(
+    hypothesis: &'a [Word],
+    committed_in_window: &[Word],
+    context: &[Word],
+) -> &'a [Word] {
     let k = committed_in_window.len();
     let same = |a: &[Word], b: &[Word]| {
-        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| normalize(&x.text) == normalize(&y.text))
+        a.len() == b.len()
+            && a.iter()
+                .zip(b)
+                .all(|(x, y)| normalize(&x.text) == normalize(&y.text))
     };
     if hypothesis.len() >= k && same(&hypothesis[..k], committed_in_window) {
         return drop_repeated_context(&hypothesis[k..], if k == 0 { context } else { &[] });
@@ -562,7 +577,11 @@ fn after_committed<'a>(hypothesis: &'a [Word], committed_in_window: &[Word], con
 fn drop_repeated_context<'a>(words: &'a [Word], context: &[Word]) -> &'a [Word] {
     for n in (1..=5.min(context.len()).min(words.len())).rev() {
         let tail = &context[context.len() - n..];
-        if tail.iter().zip(words).all(|(a, b)| normalize(&a.text) == normalize(&b.text)) {
+        if tail
+            .iter()
+            .zip(words)
+            .all(|(a, b)| normalize(&a.text) == normalize(&b.text))
+        {
             return &words[n..];
         }
     }
@@ -651,13 +670,35 @@ mod tests {
         let mut u = utterance();
         agree(&mut u, &words(&[("is", 0.0), ("my", 0.4)]), 0);
         assert!(u.committed.is_empty(), "one hypothesis commits nothing");
-        agree(&mut u, &words(&[("Is", 0.0), ("my", 0.4), ("hemo", 0.8)]), 0);
+        agree(
+            &mut u,
+            &words(&[("Is", 0.0), ("my", 0.4), ("hemo", 0.8)]),
+            0,
+        );
         assert_eq!(join_words(&u.committed), "Is my");
-        agree(&mut u, &words(&[("Is", 0.0), ("my", 0.4), ("hemoglobin", 0.8), ("normal?", 1.3)]), 1);
+        agree(
+            &mut u,
+            &words(&[
+                ("Is", 0.0),
+                ("my", 0.4),
+                ("hemoglobin", 0.8),
+                ("normal?", 1.3),
+            ]),
+            1,
+        );
         assert_eq!(join_words(&u.committed), "Is my", "hemo != hemoglobin");
-        let last = words(&[("Is", 0.0), ("my", 0.4), ("hemoglobin", 0.8), ("normal?", 1.3)]);
+        let last = words(&[
+            ("Is", 0.0),
+            ("my", 0.4),
+            ("hemoglobin", 0.8),
+            ("normal?", 1.3),
+        ]);
         agree(&mut u, &last, 1);
-        assert_eq!(join_words(&u.committed), "Is my hemoglobin", "the last word is held back");
+        assert_eq!(
+            join_words(&u.committed),
+            "Is my hemoglobin",
+            "the last word is held back"
+        );
         agree(&mut u, &last, 0);
         assert_eq!(join_words(&u.committed), "Is my hemoglobin normal?");
     }

@@ -84,13 +84,21 @@ impl SpeechProbability for SileroVad {
                 "sr" => TensorRef::from_array_view(([0usize; 0], &sr[..])).map_err(onnx)?,
             ])
             .map_err(onnx)?;
-        let (_, probability) = outputs["output"].try_extract_tensor::<f32>().map_err(onnx)?;
+        let (_, probability) = outputs["output"]
+            .try_extract_tensor::<f32>()
+            .map_err(onnx)?;
         let probability = probability.first().copied().unwrap_or(0.0);
-        let (_, state) = outputs["stateN"].try_extract_tensor::<f32>().map_err(onnx)?;
+        let (_, state) = outputs["stateN"]
+            .try_extract_tensor::<f32>()
+            .map_err(onnx)?;
         if state.len() == SILERO_STATE {
             self.state.copy_from_slice(state);
         }
-        Ok(if probability.is_finite() { probability } else { 0.0 })
+        Ok(if probability.is_finite() {
+            probability
+        } else {
+            0.0
+        })
     }
 
     fn reset(&mut self) {
@@ -331,7 +339,9 @@ mod tests {
         assert!(matches!(kinds[1], VadEvent::PauseStarted { at } if (at - 0.736).abs() < 1e-9));
         // Fires at the first window end at least 200 ms after the pause began.
         let (fired_at, ended) = events[2];
-        assert!(matches!(ended, VadEvent::SpeechEnded { pause_at } if (pause_at - 0.736).abs() < 1e-9));
+        assert!(
+            matches!(ended, VadEvent::SpeechEnded { pause_at } if (pause_at - 0.736).abs() < 1e-9)
+        );
         assert!(fired_at - 0.736 >= 0.2 && fired_at - 0.736 < 0.2 + 0.032);
     }
 
@@ -369,7 +379,9 @@ mod tests {
         for _ in 0..20 {
             assert!(vad.probability(&quiet).unwrap() < 0.2);
         }
-        let loud: Vec<f32> = (0..ENERGY_WINDOW).map(|i| (i as f32 * 0.1).sin() * 0.3).collect();
+        let loud: Vec<f32> = (0..ENERGY_WINDOW)
+            .map(|i| (i as f32 * 0.1).sin() * 0.3)
+            .collect();
         assert!(vad.probability(&loud).unwrap() > 0.9);
     }
 }

@@ -243,7 +243,12 @@ mod tests {
     #[test]
     fn tokens_join_into_words_with_times() {
         let mut words = Vec::new();
-        for (piece, t0, t1) in [(" Hel", 0.0, 0.2), ("lo", 0.2, 0.3), (",", 0.3, 0.3), (" world", 0.4, 0.8)] {
+        for (piece, t0, t1) in [
+            (" Hel", 0.0, 0.2),
+            ("lo", 0.2, 0.3),
+            (",", 0.3, 0.3),
+            (" world", 0.4, 0.8),
+        ] {
             push_piece(&mut words, piece, t0, t1);
         }
         assert_eq!(join_words(&words), "Hello, world");

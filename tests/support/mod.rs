@@ -87,6 +87,63 @@ pub fn espeak_16k(text: &str) -> Vec<f32> {
     read_wav_f32(&wav)
 }
 
+/// Speaks each sentence with espeak-ng and joins them with `gap_s` of silence, plus `gap_s` before
+/// and after; 16 kHz mono.
+pub fn spoken_clip(sentences: &[&str], gap_s: f32) -> Vec<f32> {
+    let gap = vec![0.0f32; (gap_s * 16_000.0) as usize];
+    let mut clip = gap.clone();
+    for s in sentences {
+        clip.extend(espeak_16k(s));
+        clip.extend(&gap);
+    }
+    clip
+}
+
+/// Word error rate of `hypothesis` against `reference`, on [`words`].
+pub fn wer(reference: &str, hypothesis: &str) -> f64 {
+    let (r, h) = (words(reference), words(hypothesis));
+    let mut row: Vec<usize> = (0..=h.len()).collect();
+    for (i, rw) in r.iter().enumerate() {
+        let mut prev_diag = row[0];
+        row[0] = i + 1;
+        for (j, hw) in h.iter().enumerate() {
+            let substitution = prev_diag + usize::from(rw != hw);
+            prev_diag = row[j + 1];
+            row[j + 1] = substitution.min(row[j] + 1).min(row[j + 1] + 1);
+        }
+    }
+    row[h.len()] as f64 / r.len().max(1) as f64
+}
+
+/// The process-wide ONNX Runtime environment on the cached library (one per process).
+pub fn onnx_environment() -> ort::environment::Environment {
+    static ENV: std::sync::OnceLock<ort::environment::Environment> = std::sync::OnceLock::new();
+    ENV.get_or_init(|| {
+        let lib = real_model("onnxruntime", "libonnxruntime.so.1.32.0");
+        ort::init_from(&lib)
+            .expect("ONNX Runtime loads")
+            .build()
+            .expect("one environment")
+    })
+    .clone()
+}
+
+/// Writes 16 kHz mono f32 samples as a 16-bit WAV.
+pub fn write_wav_16k(path: &Path, samples: &[f32]) {
+    let spec = hound::WavSpec {
+        channels: 1,
+        sample_rate: 16_000,
+        bits_per_sample: 16,
+        sample_format: hound::SampleFormat::Int,
+    };
+    let mut w = hound::WavWriter::create(path, spec).expect("WAV created");
+    for s in samples {
+        w.write_sample((s.clamp(-1.0, 1.0) * 32767.0) as i16)
+            .expect("sample written");
+    }
+    w.finalize().expect("WAV finalized");
+}
+
 /// Reads a 16-bit PCM WAV as f32 in [-1, 1].
 pub fn read_wav_f32(path: &Path) -> Vec<f32> {
     let mut reader = hound::WavReader::open(path).expect("a readable WAV");

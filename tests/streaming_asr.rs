@@ -1,0 +1,213 @@
+//! The streaming recognizer with the real Whisper tiny.en and the real Silero VAD.
+
+use talkline_asr::offline::{transcribe_stream, TimedEvent};
+use talkline_asr::streaming::{AsrEvent, StreamingConfig, StreamingRecognizer};
+use talkline_asr::vad::{EnergyVad, SileroVad, SpeechProbability};
+use talkline_asr::whisper::{DecodeOptions, WhisperModel};
+use talkline_tests::{onnx_environment, real_model, spoken_clip, wer};
+
+fn whisper() -> WhisperModel {
+    WhisperModel::load(&real_model("whisper-tiny.en", "ggml-tiny.en-q8_0.bin")).expect("loads")
+}
+
+fn silero() -> Box<dyn SpeechProbability> {
+    let path = real_model("silero-vad", "silero_vad.onnx");
+    Box::new(SileroVad::load(&onnx_environment(), &path).expect("Silero loads"))
+}
+
+fn options() -> DecodeOptions {
+    DecodeOptions {
+        threads: 2,
+        ..DecodeOptions::default()
+    }
+}
+
+fn run(config: StreamingConfig, audio: &[f32]) -> Vec<TimedEvent> {
+    let model = whisper();
+    let mut session = model.session().unwrap();
+    let mut recognizer = StreamingRecognizer::new(config, silero());
+    transcribe_stream(&mut recognizer, &mut session, &options(), audio).unwrap()
+}
+
+fn finals(events: &[TimedEvent]) -> Vec<String> {
+    events
+        .iter()
+        .filter_map(|e| match &e.event {
+            AsrEvent::Final { text, .. } => Some(text.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+const SENTENCES: [&str; 3] = [
+    "Is my hemoglobin normal?",
+    "Please call me back tomorrow morning.",
+    "When should I repeat the blood test?",
+];
+
+#[test]
+fn three_sentences_transcribe_with_low_wer_and_one_final_each() {
+    let audio = spoken_clip(&SENTENCES, 1.0);
+    let events = run(StreamingConfig::default(), &audio);
+    let finals = finals(&events);
+    let reference = SENTENCES.join(" ");
+    let hypothesis = finals.join(" ");
+    let error = wer(&reference, &hypothesis);
+    assert!(error <= 0.15, "WER {error:.2}: {hypothesis:?}");
+
+    // Speech followed by silence: one SpeechEnded and exactly one Final per utterance, in order.
+    let mut open = 0;
+    let mut utterances = 0;
+    for e in &events {
+        match e.event {
+            AsrEvent::SpeechStarted { .. } => {
+                assert_eq!(open, 0, "speech started twice: {events:#?}");
+                open = 1;
+            }
+            AsrEvent::SpeechEnded { .. } => {
+                assert_eq!(open, 1);
+                open = 2;
+            }
+            AsrEvent::Final { .. } => {
+                assert_eq!(open, 2, "a Final outside an ended utterance");
+                open = 0;
+                utterances += 1;
+            }
+            AsrEvent::Partial { .. } => {}
+        }
+    }
+    assert_eq!(open, 0);
+    assert_eq!(utterances, 3, "{finals:?}");
+}
+
+#[test]
+fn a_committed_prefix_never_changes() {
+    let audio = spoken_clip(
+        &["My doctor said that my cholesterol number was a little high last month"],
+        0.5,
+    );
+    let events = run(StreamingConfig::default(), &audio);
+    let mut committed_so_far = String::new();
+    let mut partials = 0;
+    for e in &events {
+        match &e.event {
+            AsrEvent::SpeechStarted { .. } => committed_so_far.clear(),
+            AsrEvent::Partial { committed, .. } => {
+                partials += 1;
+                assert!(
+                    committed.starts_with(&committed_so_far),
+                    "{committed_so_far:?} was committed, then {committed:?}"
+                );
+                committed_so_far = committed.clone();
+            }
+            _ => {}
+        }
+    }
+    assert!(partials >= 5, "only {partials} partials");
+    assert!(!committed_so_far.is_empty(), "nothing was ever committed");
+}
+
+#[test]
+fn silence_and_noise_produce_no_text() {
+    // 5 s of digital silence, then 5 s of faint noise.
+    let mut audio = vec![0.0f32; 80_000];
+    let mut seed = 12345u32;
+    audio.extend((0..80_000).map(|_| {
+        seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+        (seed >> 8) as f32 / (1u32 << 24) as f32 * 0.004 - 0.002
+    }));
+    let events = run(StreamingConfig::default(), &audio);
+    assert!(events.is_empty(), "{events:#?}");
+}
+
+#[test]
+fn memory_stays_bounded_on_a_ten_minute_stream() {
+    // Ten minutes: mostly silence, with one long stretch of continuous speech that outgrows the
+    // window and must be trimmed.
+    let long_speech = spoken_clip(
+        &[
+            "Your results came back from the laboratory this morning and most of the numbers are \
+           inside the normal range, your hemoglobin is normal, your white cell count is normal, \
+           your platelets are normal, your sodium and potassium are normal, and your kidney \
+           function is normal as well, but your cholesterol is a little higher than we would \
+           like and the doctor wants to talk about it with you at the next visit",
+        ],
+        0.0,
+    );
+    assert!(
+        long_speech.len() > 16_000 * 18,
+        "the speech must outlast the 15 s window"
+    );
+    let mut audio = vec![0.0f32; 16_000 * 60];
+    audio.extend(&long_speech);
+    audio.resize(16_000 * 600, 0.0);
+
+    let config = StreamingConfig {
+        hop_s: 2.0, // fewer decodes: this test is about memory, not latency
+        ..StreamingConfig::default()
+    };
+    let bound = ((config.max_window_s + 1.0) * 16_000.0) as usize;
+    let model = whisper();
+    let mut session = model.session().unwrap();
+    let mut recognizer = StreamingRecognizer::new(config, silero());
+    let mut max_buffered = 0;
+    let mut finals = Vec::new();
+    for (i, chunk) in audio.chunks(16_000).enumerate() {
+        let events = transcribe_stream_chunk(&mut recognizer, &mut session, i as f64, chunk);
+        max_buffered = max_buffered.max(recognizer.buffered_samples());
+        finals.extend(events);
+    }
+    assert!(
+        max_buffered <= bound,
+        "{max_buffered} samples buffered (bound {bound})"
+    );
+    let text = finals.join(" ");
+    assert!(text.to_lowercase().contains("cholesterol"), "{text:?}");
+}
+
+/// Feeds one chunk and runs the decodes it asks for, as a live driver would.
+fn transcribe_stream_chunk(
+    recognizer: &mut StreamingRecognizer,
+    session: &mut talkline_asr::whisper::WhisperSession,
+    start: f64,
+    chunk: &[f32],
+) -> Vec<String> {
+    let mut finals = Vec::new();
+    for (j, frame) in chunk.chunks(320).enumerate() {
+        recognizer
+            .push_audio(start + j as f64 * 0.02, frame)
+            .unwrap();
+        while let Some(request) = recognizer.poll_decode() {
+            let opts = DecodeOptions {
+                prompt: Some(request.prompt.clone()),
+                ..options()
+            };
+            let result = session.decode(&request.audio, &opts);
+            recognizer.on_decode_result(request.id, result, 0.0);
+        }
+        while let Some(event) = recognizer.poll_event() {
+            if let AsrEvent::Final { text, .. } = event {
+                finals.push(text);
+            }
+        }
+    }
+    finals
+}
+
+#[test]
+fn the_energy_fallback_still_endpoints_speech() {
+    let audio = spoken_clip(&["Is my hemoglobin normal?"], 1.0);
+    let model = whisper();
+    let mut session = model.session().unwrap();
+    let mut recognizer =
+        StreamingRecognizer::new(StreamingConfig::default(), Box::new(EnergyVad::default()));
+    let events = transcribe_stream(&mut recognizer, &mut session, &options(), &audio).unwrap();
+    let finals = finals(&events);
+    // The energy VAD is coarse (it may clip the onset), so only endpointing is asserted strictly.
+    assert_eq!(finals.len(), 1, "{finals:?}");
+    let text = finals[0].to_lowercase();
+    assert!(
+        text.starts_with("is my") && text.contains("normal"),
+        "{finals:?}"
+    );
+}
