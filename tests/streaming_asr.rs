@@ -211,3 +211,56 @@ fn the_energy_fallback_still_endpoints_speech() {
         "{finals:?}"
     );
 }
+
+#[test]
+fn two_live_streams_share_one_model_without_crosstalk() {
+    use std::sync::mpsc;
+    use talkline_asr::engine::AsrEngine;
+
+    let engine = AsrEngine::new(whisper(), options(), 1);
+    let sentences = [
+        "Is my hemoglobin normal?",
+        "Please call me back tomorrow morning.",
+    ];
+    let mut streams = Vec::new();
+    for (i, sentence) in sentences.iter().enumerate() {
+        let (tx, rx) = mpsc::channel();
+        let stream = engine
+            .open_stream(
+                &format!("test-{i}"),
+                StreamingConfig::default(),
+                silero(),
+                move |e| {
+                    let _ = tx.send(e);
+                },
+            )
+            .unwrap();
+        streams.push((stream, rx, spoken_clip(&[sentence], 0.5)));
+    }
+    // Interleave 20 ms frames of both callers, as two live sessions would.
+    let longest = streams.iter().map(|s| s.2.len()).max().unwrap();
+    for offset in (0..longest).step_by(320) {
+        for (stream, _, audio) in &streams {
+            if offset < audio.len() {
+                let end = (offset + 320).min(audio.len());
+                stream.push(offset as f64 / 16_000.0, &audio[offset..end]);
+            }
+        }
+    }
+    for (stream, _, audio) in &streams {
+        // The transports go quiet; media time still advances.
+        stream.tick(audio.len() as f64 / 16_000.0 + 1.0);
+    }
+    for ((stream, rx, _), sentence) in streams.into_iter().zip(sentences) {
+        let text = loop {
+            match rx.recv_timeout(std::time::Duration::from_secs(120)) {
+                Ok(AsrEvent::Final { text, .. }) => break text,
+                Ok(_) => continue,
+                Err(e) => panic!("no Final for {sentence:?}: {e}"),
+            }
+        };
+        assert!(wer(sentence, &text) <= 0.25, "{text:?} vs {sentence:?}");
+        assert_eq!(stream.dropped_samples(), 0);
+        stream.close();
+    }
+}

@@ -7,6 +7,7 @@
 
 pub mod audio;
 pub mod convert;
+pub mod engine;
 pub mod error;
 pub mod offline;
 pub mod streaming;
