@@ -1,18 +1,23 @@
-//! Runs a [`StreamingRecognizer`] over recorded audio, decoding inline: `talkline transcribe`,
-//! tests and benchmarks use it. Audio is fed in 20 ms chunks exactly as a live transport would.
+//! Runs a [`StreamingRecognizer`] over recorded audio as if it were live: `talkline transcribe`,
+//! tests and benchmarks use it.
+//!
+//! Audio is fed in 20 ms frames on a virtual media clock. Each decode really runs (inline), and
+//! its measured wall time is charged to the clock: the result is handed back only when media time
+//! has advanced by that much, while later frames keep arriving meanwhile, exactly as with one
+//! decode thread per stream. Event times are therefore what a live caller would have seen, on
+//! this machine, at its current load.
 
 use std::time::Instant;
 
 use crate::error::Result;
 use crate::streaming::{AsrEvent, StreamingRecognizer};
-use crate::whisper::{DecodeOptions, WhisperSession, SAMPLE_RATE};
+use crate::whisper::{DecodeOptions, Hypothesis, WhisperSession, SAMPLE_RATE};
 
-/// An event and the media time at which the recognizer produced it. Decodes run inline, so media
-/// time stands still while one runs; `decode_ms` says how long the decode behind a `Partial` or
-/// `Final` took, which a live stream would add to that media time.
+/// An event and the media time at which a live caller would have received it.
 #[derive(Debug, Clone)]
 pub struct TimedEvent {
     pub media_time: f64,
+    /// Wall time of the decode that produced this `Partial` or `Final` (0 for others).
     pub decode_ms: f64,
     pub event: AsrEvent,
 }
@@ -20,61 +25,115 @@ pub struct TimedEvent {
 /// 20 ms at 16 kHz: a transport frame.
 const FRAME: usize = SAMPLE_RATE as usize / 50;
 
+struct Pending {
+    id: u64,
+    result: Result<Hypothesis>,
+    decode_ms: f64,
+    ready_at: f64,
+}
+
 pub fn transcribe_stream(
     recognizer: &mut StreamingRecognizer,
     session: &mut WhisperSession,
     options: &DecodeOptions,
     audio: &[f32],
 ) -> Result<Vec<TimedEvent>> {
-    let mut events = Vec::new();
-    let mut now = 0.0;
+    let mut run = Run {
+        recognizer,
+        session,
+        options,
+        pending: None,
+        events: Vec::new(),
+        now: 0.0,
+    };
     for chunk in audio.chunks(FRAME) {
-        recognizer.push_audio(now, chunk)?;
-        now += chunk.len() as f64 / SAMPLE_RATE as f64;
-        pump(recognizer, session, options, now, &mut events)?;
+        run.advance_to(run.now)?;
+        run.recognizer.push_audio(run.now, chunk)?;
+        run.now += chunk.len() as f64 / SAMPLE_RATE as f64;
+        run.collect(0.0);
+        run.start_decode();
     }
-    // The stream ends: time passes without audio, so an utterance still open is endpointed.
-    if let Some(deadline) = recognizer.poll_timeout() {
-        recognizer.handle_timeout(deadline.max(now));
-        pump(recognizer, session, options, deadline.max(now), &mut events)?;
+    // The stream ends; media time goes on without audio until nothing is left to happen.
+    loop {
+        let next = [
+            run.pending.as_ref().map(|p| p.ready_at),
+            run.recognizer.poll_timeout(),
+        ]
+        .into_iter()
+        .flatten()
+        .fold(f64::INFINITY, f64::min);
+        if !next.is_finite() {
+            break;
+        }
+        let now = next.max(run.now);
+        run.advance_to(now)?;
+        run.recognizer.handle_timeout(now);
+        run.collect(0.0);
+        run.start_decode();
     }
-    Ok(events)
+    Ok(run.events)
 }
 
-fn pump(
-    recognizer: &mut StreamingRecognizer,
-    session: &mut WhisperSession,
-    options: &DecodeOptions,
+struct Run<'a> {
+    recognizer: &'a mut StreamingRecognizer,
+    session: &'a mut WhisperSession,
+    options: &'a DecodeOptions,
+    pending: Option<Pending>,
+    events: Vec<TimedEvent>,
     now: f64,
-    events: &mut Vec<TimedEvent>,
-) -> Result<()> {
-    loop {
-        let mut decode_ms = 0.0;
-        if let Some(request) = recognizer.poll_decode() {
-            let options = DecodeOptions {
-                prompt: Some(request.prompt.clone()),
-                ..options.clone()
-            };
-            let started = Instant::now();
-            let result = session.decode(&request.audio, &options);
-            decode_ms = started.elapsed().as_secs_f64() * 1000.0;
-            recognizer.on_decode_result(request.id, result, decode_ms);
+}
+
+impl Run<'_> {
+    /// Delivers the running decode's result if it has finished by `now`.
+    fn advance_to(&mut self, now: f64) -> Result<()> {
+        self.now = self.now.max(now);
+        if let Some(p) = self.pending.take_if(|p| p.ready_at <= self.now) {
+            let at = self.now;
+            self.recognizer
+                .on_decode_result(p.id, p.result, p.decode_ms);
+            let before = self.events.len();
+            self.collect(p.decode_ms);
+            for e in &mut self.events[before..] {
+                e.media_time = at;
+            }
+            self.start_decode();
         }
-        let mut any = false;
-        while let Some(event) = recognizer.poll_event() {
-            any = true;
+        Ok(())
+    }
+
+    fn start_decode(&mut self) {
+        if self.pending.is_some() {
+            return;
+        }
+        let Some(request) = self.recognizer.poll_decode() else {
+            return;
+        };
+        let options = DecodeOptions {
+            prompt: Some(request.prompt.clone()),
+            ..self.options.clone()
+        };
+        let started = Instant::now();
+        let result = self.session.decode(&request.audio, &options);
+        let decode_ms = started.elapsed().as_secs_f64() * 1000.0;
+        self.pending = Some(Pending {
+            id: request.id,
+            result,
+            decode_ms,
+            ready_at: self.now + decode_ms / 1000.0,
+        });
+    }
+
+    fn collect(&mut self, decode_ms: f64) {
+        while let Some(event) = self.recognizer.poll_event() {
             let decode_ms = match event {
                 AsrEvent::Partial { .. } | AsrEvent::Final { .. } => decode_ms,
                 _ => 0.0,
             };
-            events.push(TimedEvent {
-                media_time: now,
+            self.events.push(TimedEvent {
+                media_time: self.now,
                 decode_ms,
                 event,
             });
-        }
-        if decode_ms == 0.0 && !any {
-            return Ok(());
         }
     }
 }

@@ -75,8 +75,10 @@ pub enum AsrEvent {
         start: f64,
         end: f64,
         words: Vec<Word>,
-        /// Wall time of the decodes that ran after the endpoint (0 when the pause decode sufficed).
-        decode_after_endpoint_ms: f64,
+        /// Wall time of the decode this Final came from.
+        decode_ms: f64,
+        /// True when that decode was the one started at the pause (no decode after the endpoint).
+        from_pause_decode: bool,
     },
 }
 
@@ -140,7 +142,9 @@ struct Utterance {
     latest: Option<(f64, Vec<Word>)>,
     /// Set at the endpoint: where speech stopped.
     ended_at: Option<f64>,
-    decode_after_endpoint_ms: f64,
+    /// Wall time of the newest finished decode, and whether it started at a pause.
+    latest_decode_ms: f64,
+    latest_at_pause: bool,
 }
 
 impl Utterance {
@@ -309,7 +313,7 @@ impl StreamingRecognizer {
     /// Hands back the result of the decode `id`; `decode_ms` is its wall time.
     pub fn on_decode_result(&mut self, id: u64, result: Result<Hypothesis>, decode_ms: f64) {
         let Some(flight) = self.in_flight.take_if(|f| f.id == id) else {
-            tracing::warn!(id, "a decode result nobody waits for");
+            tracing::debug!(id, "a stale decode result (its utterance ended meanwhile)");
             return;
         };
         let hypothesis = match result {
@@ -331,7 +335,8 @@ impl StreamingRecognizer {
             .collect();
 
         if let Some(u) = self.finishing.as_mut().filter(|u| u.id == flight.utterance) {
-            u.decode_after_endpoint_ms += decode_ms;
+            u.latest_decode_ms = decode_ms;
+            u.latest_at_pause = flight.at_pause;
             u.latest = Some((flight.audio_end, words));
             let u = self.finishing.take().expect("checked just above");
             self.emit_final(u);
@@ -350,6 +355,8 @@ impl StreamingRecognizer {
         } else {
             u.previous = after_committed(&words, &u.committed, &u.context).to_vec();
         }
+        u.latest_decode_ms = decode_ms;
+        u.latest_at_pause = flight.at_pause;
         u.latest = Some((flight.audio_end, words));
         let partial = AsrEvent::Partial {
             committed: u.committed_text(),
@@ -391,7 +398,8 @@ impl StreamingRecognizer {
                     due_at_pause: false,
                     latest: None,
                     ended_at: None,
-                    decode_after_endpoint_ms: 0.0,
+                    latest_decode_ms: 0.0,
+                    latest_at_pause: false,
                 });
                 self.next_utterance += 1;
                 self.push_event(AsrEvent::SpeechStarted { at });
@@ -462,7 +470,8 @@ impl StreamingRecognizer {
             start: u.start,
             end,
             words,
-            decode_after_endpoint_ms: u.decode_after_endpoint_ms,
+            decode_ms: u.latest_decode_ms,
+            from_pause_decode: u.latest_at_pause,
         };
         self.push_event(event);
     }
@@ -661,7 +670,8 @@ mod tests {
             due_at_pause: false,
             latest: None,
             ended_at: None,
-            decode_after_endpoint_ms: 0.0,
+            latest_decode_ms: 0.0,
+            latest_at_pause: false,
         }
     }
 

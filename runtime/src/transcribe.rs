@@ -38,7 +38,8 @@ fn model_path(config: &Config, store: &ModelStore, what: &str) -> Option<Require
 pub fn load_vad(config: &Config, store: &ModelStore) -> Box<dyn SpeechProbability> {
     let silero = (|| -> anyhow::Result<SileroVad> {
         let vad = model_path(config, store, "VAD model").context("no VAD model configured")?;
-        let ort = model_path(config, store, "ONNX Runtime").context("no ONNX Runtime configured")?;
+        let ort =
+            model_path(config, store, "ONNX Runtime").context("no ONNX Runtime configured")?;
         let env = crate::onnx::environment(&ort.path)?;
         Ok(SileroVad::load(&env, &vad.path)?)
     })();
@@ -107,7 +108,10 @@ pub fn run(args: TranscribeArgs, config_path: Option<&Path>) -> anyhow::Result<(
     Ok(())
 }
 
-fn event_json(timed: &talkline_asr::offline::TimedEvent, speech_end_detected: Option<f64>) -> String {
+fn event_json(
+    timed: &talkline_asr::offline::TimedEvent,
+    speech_end_detected: Option<f64>,
+) -> String {
     use serde_json::json;
     let t = timed.media_time;
     let value = match &timed.event {
@@ -118,22 +122,21 @@ fn event_json(timed: &talkline_asr::offline::TimedEvent, speech_end_detected: Op
             tentative,
             audio_end,
         } => json!({"type": "partial", "t": t, "committed": committed, "tentative": tentative,
-                    "audio_end": audio_end, "decode_ms": timed.decode_ms}),
+                    "audio_end": audio_end, "decode_ms": timed.decode_ms,
+                    "lag_ms": (t - audio_end) * 1000.0}),
         AsrEvent::Final {
             text,
             start,
             end,
             words,
-            decode_after_endpoint_ms,
-        } => {
-            // Live, the Final lands when the endpoint is detected plus any decode run after it.
-            let detect_ms = speech_end_detected.map(|d| (d - end) * 1000.0);
-            json!({"type": "final", "t": t, "text": text, "start": start, "end": end,
+            decode_ms,
+            from_pause_decode,
+        } => json!({"type": "final", "t": t, "text": text, "start": start, "end": end,
                    "words": words.iter().map(|w| json!({"w": w.text, "start": w.start, "end": w.end})).collect::<Vec<_>>(),
-                   "endpoint_detect_ms": detect_ms,
-                   "decode_after_endpoint_ms": decode_after_endpoint_ms,
-                   "eos_to_final_ms": detect_ms.map(|d| d + decode_after_endpoint_ms)})
-        }
+                   "endpoint_detect_ms": speech_end_detected.map(|d| (d - end) * 1000.0),
+                   "decode_ms": decode_ms,
+                   "from_pause_decode": from_pause_decode,
+                   "eos_to_final_ms": (t - end) * 1000.0}),
     };
     value.to_string()
 }
