@@ -73,7 +73,7 @@ fn three_sentences_transcribe_with_low_wer_and_one_final_each() {
                 open = 0;
                 utterances += 1;
             }
-            AsrEvent::Partial { .. } => {}
+            AsrEvent::Partial { .. } | AsrEvent::Paused { .. } | AsrEvent::Resumed { .. } => {}
         }
     }
     assert_eq!(open, 0);

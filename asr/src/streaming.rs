@@ -66,6 +66,14 @@ pub enum AsrEvent {
         /// Media time of the newest audio in the decode.
         audio_end: f64,
     },
+    /// A pause inside speech began at `at` (the turn manager may speculate from here).
+    Paused {
+        at: f64,
+    },
+    /// The user went on after a pause.
+    Resumed {
+        at: f64,
+    },
     /// The endpoint: speech stopped at `at` (detected `min_silence_s` later).
     SpeechEnded {
         at: f64,
@@ -404,13 +412,15 @@ impl StreamingRecognizer {
                 self.next_utterance += 1;
                 self.push_event(AsrEvent::SpeechStarted { at });
             }
-            VadEvent::PauseStarted { .. } => {
+            VadEvent::PauseStarted { at } => {
                 // Decode now: if the pause turns out to be the endpoint, this is the final decode.
                 if let Some(u) = &mut self.utterance {
                     u.last_decode_requested = f64::NAN;
                     u.due_at_pause = true;
                 }
+                self.push_event(AsrEvent::Paused { at });
             }
+            VadEvent::SpeechResumed { at } => self.push_event(AsrEvent::Resumed { at }),
             VadEvent::SpeechEnded { pause_at } => {
                 self.push_event(AsrEvent::SpeechEnded { at: pause_at });
                 let Some(mut u) = self.utterance.take() else {

@@ -185,6 +185,8 @@ pub enum VadEvent {
     SpeechStarted { at: f64 },
     /// Inside speech, a pause began at `at`; speech may resume.
     PauseStarted { at: f64 },
+    /// The pause ended without becoming the end of speech.
+    SpeechResumed { at: f64 },
     /// The pause that began at `pause_at` outlasted `min_silence_s`.
     SpeechEnded { pause_at: f64 },
 }
@@ -259,7 +261,7 @@ impl Endpointer {
                 }
                 (Some(_), true, _) => {
                     self.state = EndpointState::Speech { pause_since: None };
-                    None
+                    Some(VadEvent::SpeechResumed { at: start })
                 }
                 (Some(_), _, _) => self.handle_timeout(end),
                 (None, _, false) => None,
@@ -355,6 +357,7 @@ mod tests {
         assert!(!events
             .iter()
             .any(|(_, ev)| matches!(ev, VadEvent::SpeechEnded { .. })));
+        assert!(matches!(events.last(), Some((_, VadEvent::SpeechResumed { at })) if (at - 0.448).abs() < 1e-9));
         assert!(e.in_speech());
     }
 
