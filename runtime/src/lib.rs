@@ -8,3 +8,4 @@ pub mod config;
 pub mod models;
 pub mod onnx;
 pub mod transcribe;
+pub mod turn;

@@ -1,0 +1,597 @@
+//! The turn manager: when the agent starts, commits, cancels and stops its reply.
+//!
+//! Sans-I/O and driven by media time: it consumes ASR events and playback reports, is told the
+//! time, exposes `poll_timeout`/`handle_timeout`, and emits [`TurnAction`]s for the session to
+//! carry out. It never touches audio, models or clocks, so every policy here is unit-tested on a
+//! virtual clock.
+//!
+//! Policies:
+//! - **Speculative start.** When the user has paused for `speculate_after_pause_s` and a
+//!   transcript of the audio up to the pause exists, the reply starts on it with its audio held.
+//!   If the user resumes, or the turn's final text differs (after normalisation), the speculation
+//!   is cancelled (a miss) and never heard; otherwise it is committed (a hit).
+//! - **End of turn.** After the ASR's final, the turn ends after a delay between
+//!   `min_end_delay_s` and `max_end_delay_s` past the end of speech: short when the text ends
+//!   like a finished sentence or the LLM's end-of-utterance probability is high, long otherwise.
+//! - **Barge-in.** User speech lasting `barge_in_min_speech_s` while the agent replies stops the
+//!   output at once and cancels the reply; shorter sounds (backchannels, coughs) do not.
+//! - **Echo guard.** While agent audio plays, the VAD threshold is raised to
+//!   `echo_guard_threshold`, so the agent's own voice looped back is not taken for the user.
+
+use std::collections::VecDeque;
+
+use talkline_asr::streaming::AsrEvent;
+
+#[derive(Debug, Clone)]
+pub struct TurnConfig {
+    pub speculate_after_pause_s: f64,
+    pub min_end_delay_s: f64,
+    pub max_end_delay_s: f64,
+    /// End-of-utterance probability at or above which the turn ends without waiting.
+    pub end_of_utterance_threshold: f32,
+    pub barge_in_min_speech_s: f64,
+    pub vad_threshold: f32,
+    pub echo_guard_threshold: f32,
+}
+
+impl Default for TurnConfig {
+    fn default() -> Self {
+        TurnConfig {
+            speculate_after_pause_s: 0.15,
+            min_end_delay_s: 0.0,
+            max_end_delay_s: 0.8,
+            end_of_utterance_threshold: 0.5,
+            barge_in_min_speech_s: 0.3,
+            vad_threshold: 0.5,
+            echo_guard_threshold: 0.8,
+        }
+    }
+}
+
+pub type ReplyId = u64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelReason {
+    /// The user went on speaking after the pause the speculation started in.
+    UserResumed,
+    /// The final transcript differs from the speculated one.
+    TranscriptChanged,
+    /// The user interrupted the agent.
+    BargeIn,
+}
+
+/// What the session must do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TurnAction {
+    /// Generate a reply to `user_text`. A speculative reply synthesizes but holds its audio until
+    /// [`TurnAction::CommitReply`].
+    StartReply {
+        reply: ReplyId,
+        user_text: String,
+        speculative: bool,
+    },
+    /// The speculation was right: release its audio.
+    CommitReply { reply: ReplyId },
+    CancelReply { reply: ReplyId, reason: CancelReason },
+    /// Stop agent audio now and drop what is queued (barge-in).
+    StopOutput,
+    /// Ask the LLM how likely the user is done after `text`; answer with
+    /// [`TurnManager::on_end_of_utterance`].
+    EstimateEndOfUtterance { text: String },
+    SetVadThreshold { threshold: f32 },
+}
+
+/// Counters for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TurnStats {
+    pub speculative_hits: u64,
+    pub speculative_misses: u64,
+    pub barge_ins: u64,
+    pub ignored_short_speech: u64,
+}
+
+#[derive(Debug, Clone)]
+struct Speculation {
+    reply: ReplyId,
+    text: String,
+}
+
+#[derive(Debug, Clone)]
+enum Phase {
+    /// The user has the floor (or nobody does).
+    Listening,
+    /// The agent's reply is being generated or played.
+    Replying { reply: ReplyId, audio_playing: bool },
+}
+
+pub struct TurnManager {
+    config: TurnConfig,
+    phase: Phase,
+    next_reply: ReplyId,
+    actions: VecDeque<TurnAction>,
+    stats: TurnStats,
+    /// Final texts of this user turn's utterances so far.
+    turn_text: Vec<String>,
+    user_speaking: bool,
+    /// The latest partial's full text and the media time its audio reached.
+    latest_partial: Option<(String, f64)>,
+    pause_at: Option<f64>,
+    speculate_at: Option<f64>,
+    speculation: Option<Speculation>,
+    speech_end: Option<f64>,
+    end_turn_at: Option<f64>,
+    /// Speech that started while the agent replied, not yet long enough to interrupt.
+    barge_in_at: Option<f64>,
+}
+
+fn normalize(text: &str) -> String {
+    text.split_whitespace()
+        .map(|w| {
+            w.chars()
+                .filter(|c| c.is_alphanumeric() || *c == '\'')
+                .flat_map(char::to_lowercase)
+                .collect::<String>()
+        })
+        .filter(|w| !w.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn sounds_finished(text: &str) -> bool {
+    text.trim_end().ends_with(['.', '?', '!'])
+}
+
+impl TurnManager {
+    pub fn new(config: TurnConfig) -> Self {
+        TurnManager {
+            config,
+            phase: Phase::Listening,
+            next_reply: 0,
+            actions: VecDeque::new(),
+            stats: TurnStats::default(),
+            turn_text: Vec::new(),
+            user_speaking: false,
+            latest_partial: None,
+            pause_at: None,
+            speculate_at: None,
+            speculation: None,
+            speech_end: None,
+            end_turn_at: None,
+            barge_in_at: None,
+        }
+    }
+
+    pub fn stats(&self) -> TurnStats {
+        self.stats
+    }
+
+    pub fn poll_action(&mut self) -> Option<TurnAction> {
+        self.actions.pop_front()
+    }
+
+    pub fn poll_timeout(&self) -> Option<f64> {
+        [self.speculate_at, self.end_turn_at, self.barge_in_at]
+            .into_iter()
+            .flatten()
+            .reduce(f64::min)
+    }
+
+    pub fn handle_timeout(&mut self, now: f64) {
+        if self.speculate_at.is_some_and(|t| t <= now) {
+            self.speculate_at = None;
+            self.try_speculate();
+        }
+        if self.end_turn_at.is_some_and(|t| t <= now) {
+            self.end_turn_at = None;
+            self.end_turn();
+        }
+        if self.barge_in_at.is_some_and(|t| t <= now) {
+            self.barge_in_at = None;
+            self.barge_in();
+        }
+    }
+
+    pub fn on_asr(&mut self, now: f64, event: &AsrEvent) {
+        match event {
+            AsrEvent::SpeechStarted { at } => {
+                self.user_speaking = true;
+                self.speech_end = None;
+                self.end_turn_at = None;
+                self.latest_partial = None;
+                match self.phase {
+                    Phase::Replying { .. } => {
+                        self.barge_in_at = Some(at + self.config.barge_in_min_speech_s);
+                    }
+                    Phase::Listening => self.cancel_speculation(CancelReason::UserResumed),
+                }
+            }
+            AsrEvent::Partial {
+                committed,
+                tentative,
+                audio_end,
+            } => {
+                let text = format!("{committed} {tentative}").trim().to_string();
+                self.latest_partial = Some((text, *audio_end));
+                self.try_speculate();
+            }
+            AsrEvent::Paused { at } => {
+                self.pause_at = Some(*at);
+                self.speculate_at = Some(at + self.config.speculate_after_pause_s);
+            }
+            AsrEvent::Resumed { .. } => {
+                self.pause_at = None;
+                self.speculate_at = None;
+                self.cancel_speculation(CancelReason::UserResumed);
+            }
+            AsrEvent::SpeechEnded { at } => {
+                self.user_speaking = false;
+                self.speech_end = Some(*at);
+                if self.barge_in_at.take().is_some() {
+                    // Shorter than the barge-in threshold: a backchannel or a cough.
+                    self.stats.ignored_short_speech += 1;
+                }
+            }
+            AsrEvent::Final { text, .. } => {
+                if matches!(self.phase, Phase::Replying { .. }) || text.trim().is_empty() {
+                    return; // noise, or speech the barge-in rule ignored
+                }
+                self.turn_text.push(text.trim().to_string());
+                let turn = self.turn_text.join(" ");
+                let end = self.speech_end.unwrap_or(now);
+                let delay = if sounds_finished(&turn) {
+                    self.config.min_end_delay_s
+                } else {
+                    self.config.max_end_delay_s
+                };
+                self.end_turn_at = Some((end + delay).max(now));
+                self.actions
+                    .push_back(TurnAction::EstimateEndOfUtterance { text: turn });
+            }
+        }
+    }
+
+    /// The LLM's probability that the user is done after `text` (the current turn's text).
+    pub fn on_end_of_utterance(&mut self, now: f64, text: &str, probability: f32) {
+        if self.user_speaking || normalize(text) != normalize(&self.turn_text.join(" ")) {
+            return; // stale
+        }
+        if probability >= self.config.end_of_utterance_threshold {
+            let end = self.speech_end.unwrap_or(now) + self.config.min_end_delay_s;
+            self.end_turn_at = Some(self.end_turn_at.map_or(end, |t| t.min(end)).max(now));
+        }
+    }
+
+    /// The output began playing the reply's audio.
+    pub fn on_agent_audio_started(&mut self, reply: ReplyId) {
+        if let Phase::Replying {
+            reply: current,
+            audio_playing,
+        } = &mut self.phase
+        {
+            if *current == reply && !*audio_playing {
+                *audio_playing = true;
+                self.actions.push_back(TurnAction::SetVadThreshold {
+                    threshold: self.config.echo_guard_threshold,
+                });
+            }
+        }
+    }
+
+    /// The reply finished playing (or was cut): the floor returns to the user.
+    pub fn on_agent_audio_finished(&mut self, reply: ReplyId) {
+        if let Phase::Replying {
+            reply: current,
+            audio_playing,
+        } = self.phase
+        {
+            if current == reply {
+                self.phase = Phase::Listening;
+                if audio_playing {
+                    self.restore_vad();
+                }
+            }
+        }
+    }
+
+    fn restore_vad(&mut self) {
+        self.actions.push_back(TurnAction::SetVadThreshold {
+            threshold: self.config.vad_threshold,
+        });
+    }
+
+    fn new_reply(&mut self) -> ReplyId {
+        self.next_reply += 1;
+        self.next_reply
+    }
+
+    fn try_speculate(&mut self) {
+        let (Some(pause_at), None) = (self.pause_at, &self.speculation) else {
+            return;
+        };
+        if self.speculate_at.is_some() || !matches!(self.phase, Phase::Listening) {
+            return; // not paused long enough yet, or the agent has the floor
+        }
+        // Only a transcript of the audio up to the pause is worth speculating on.
+        let Some((text, _)) = self
+            .latest_partial
+            .clone()
+            .filter(|(text, end)| *end >= pause_at && !text.is_empty())
+        else {
+            return;
+        };
+        let user_text = self
+            .turn_text
+            .iter()
+            .cloned()
+            .chain([text])
+            .collect::<Vec<_>>()
+            .join(" ");
+        let reply = self.new_reply();
+        self.speculation = Some(Speculation {
+            reply,
+            text: user_text.clone(),
+        });
+        self.actions.push_back(TurnAction::StartReply {
+            reply,
+            user_text,
+            speculative: true,
+        });
+    }
+
+    fn cancel_speculation(&mut self, reason: CancelReason) {
+        if let Some(s) = self.speculation.take() {
+            self.stats.speculative_misses += 1;
+            self.actions.push_back(TurnAction::CancelReply {
+                reply: s.reply,
+                reason,
+            });
+        }
+    }
+
+    fn end_turn(&mut self) {
+        if self.user_speaking || self.turn_text.is_empty() {
+            return;
+        }
+        let user_text = std::mem::take(&mut self.turn_text).join(" ");
+        self.pause_at = None;
+        self.speculate_at = None;
+        let reply = match self.speculation.take() {
+            Some(s) if normalize(&s.text) == normalize(&user_text) => {
+                self.stats.speculative_hits += 1;
+                self.actions
+                    .push_back(TurnAction::CommitReply { reply: s.reply });
+                s.reply
+            }
+            other => {
+                if let Some(s) = other {
+                    self.stats.speculative_misses += 1;
+                    self.actions.push_back(TurnAction::CancelReply {
+                        reply: s.reply,
+                        reason: CancelReason::TranscriptChanged,
+                    });
+                }
+                let reply = self.new_reply();
+                self.actions.push_back(TurnAction::StartReply {
+                    reply,
+                    user_text,
+                    speculative: false,
+                });
+                reply
+            }
+        };
+        self.phase = Phase::Replying {
+            reply,
+            audio_playing: false,
+        };
+    }
+
+    fn barge_in(&mut self) {
+        let Phase::Replying {
+            reply,
+            audio_playing,
+        } = self.phase
+        else {
+            return;
+        };
+        if !self.user_speaking {
+            return;
+        }
+        self.stats.barge_ins += 1;
+        self.actions.push_back(TurnAction::StopOutput);
+        self.actions.push_back(TurnAction::CancelReply {
+            reply,
+            reason: CancelReason::BargeIn,
+        });
+        if audio_playing {
+            self.restore_vad();
+        }
+        self.phase = Phase::Listening;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn partial(text: &str, audio_end: f64) -> AsrEvent {
+        AsrEvent::Partial {
+            committed: text.into(),
+            tentative: String::new(),
+            audio_end,
+        }
+    }
+
+    fn final_(text: &str, end: f64) -> AsrEvent {
+        AsrEvent::Final {
+            text: text.into(),
+            start: 0.0,
+            end,
+            words: Vec::new(),
+            decode_ms: 0.0,
+            from_pause_decode: true,
+        }
+    }
+
+    fn drain(t: &mut TurnManager) -> Vec<TurnAction> {
+        std::iter::from_fn(|| t.poll_action()).collect()
+    }
+
+    /// Advances the virtual clock to `now`, firing due timers.
+    fn tick(t: &mut TurnManager, now: f64) {
+        while let Some(deadline) = t.poll_timeout().filter(|d| *d <= now) {
+            t.handle_timeout(deadline);
+        }
+    }
+
+    #[test]
+    fn speculation_hit_starts_at_the_pause_and_commits_at_the_end_of_turn() {
+        let mut t = TurnManager::new(TurnConfig::default());
+        t.on_asr(0.5, &AsrEvent::SpeechStarted { at: 0.4 });
+        t.on_asr(1.0, &partial("Is my", 1.0));
+        t.on_asr(1.83, &AsrEvent::Paused { at: 1.8 });
+        t.on_asr(1.9, &partial("Is my hemoglobin normal?", 1.83));
+        assert!(drain(&mut t).is_empty(), "not paused 150 ms yet");
+        tick(&mut t, 1.95);
+        assert_eq!(
+            drain(&mut t),
+            vec![TurnAction::StartReply {
+                reply: 1,
+                user_text: "Is my hemoglobin normal?".into(),
+                speculative: true
+            }]
+        );
+        t.on_asr(2.0, &AsrEvent::SpeechEnded { at: 1.8 });
+        t.on_asr(2.0, &final_("is my hemoglobin normal", 1.8));
+        assert!(matches!(
+            drain(&mut t)[..],
+            [TurnAction::EstimateEndOfUtterance { .. }]
+        ));
+        t.on_end_of_utterance(2.02, "is my hemoglobin normal", 0.9);
+        tick(&mut t, 2.02);
+        assert_eq!(drain(&mut t), vec![TurnAction::CommitReply { reply: 1 }]);
+        assert_eq!(t.stats().speculative_hits, 1);
+    }
+
+    #[test]
+    fn the_user_resuming_cancels_the_speculation_which_is_never_committed() {
+        let mut t = TurnManager::new(TurnConfig::default());
+        t.on_asr(0.5, &AsrEvent::SpeechStarted { at: 0.4 });
+        t.on_asr(1.23, &AsrEvent::Paused { at: 1.2 });
+        t.on_asr(1.3, &partial("My doctor said", 1.23));
+        tick(&mut t, 1.35);
+        assert!(matches!(drain(&mut t)[..], [TurnAction::StartReply { reply: 1, speculative: true, .. }]));
+        t.on_asr(1.5, &AsrEvent::Resumed { at: 1.45 });
+        assert_eq!(
+            drain(&mut t),
+            vec![TurnAction::CancelReply {
+                reply: 1,
+                reason: CancelReason::UserResumed
+            }]
+        );
+        t.on_asr(3.0, &AsrEvent::SpeechEnded { at: 2.8 });
+        t.on_asr(3.0, &final_("My doctor said my cholesterol is high.", 2.8));
+        tick(&mut t, 3.0);
+        let actions = drain(&mut t);
+        assert!(actions.contains(&TurnAction::StartReply {
+            reply: 2,
+            user_text: "My doctor said my cholesterol is high.".into(),
+            speculative: false
+        }));
+        assert!(!actions.iter().any(|a| matches!(a, TurnAction::CommitReply { .. })));
+        assert_eq!(t.stats().speculative_misses, 1);
+    }
+
+    #[test]
+    fn a_different_final_replaces_the_speculation() {
+        let mut t = TurnManager::new(TurnConfig::default());
+        t.on_asr(0.5, &AsrEvent::SpeechStarted { at: 0.4 });
+        t.on_asr(1.03, &AsrEvent::Paused { at: 1.0 });
+        t.on_asr(1.1, &partial("Is my human love in normal", 1.03));
+        tick(&mut t, 1.2);
+        drain(&mut t);
+        t.on_asr(1.2, &AsrEvent::SpeechEnded { at: 1.0 });
+        t.on_asr(1.3, &final_("Is my hemoglobin normal?", 1.0));
+        tick(&mut t, 1.3);
+        let actions = drain(&mut t);
+        assert!(actions.contains(&TurnAction::CancelReply {
+            reply: 1,
+            reason: CancelReason::TranscriptChanged
+        }));
+        assert!(actions.iter().any(|a| matches!(a, TurnAction::StartReply { reply: 2, speculative: false, .. })));
+    }
+
+    #[test]
+    fn an_unfinished_sentence_waits_longer_unless_the_llm_says_it_is_done() {
+        let mut t = TurnManager::new(TurnConfig::default());
+        t.on_asr(0.5, &AsrEvent::SpeechStarted { at: 0.4 });
+        t.on_asr(1.2, &AsrEvent::SpeechEnded { at: 1.0 });
+        t.on_asr(1.25, &final_("I wanted to ask about", 1.0));
+        drain(&mut t);
+        assert_eq!(t.poll_timeout(), Some(1.8), "max delay past the end of speech");
+        t.on_end_of_utterance(1.3, "I wanted to ask about", 0.1);
+        tick(&mut t, 1.79);
+        assert!(drain(&mut t).is_empty());
+        // The user goes on before the turn ends: one turn, both utterances.
+        t.on_asr(1.79, &AsrEvent::SpeechStarted { at: 1.7 });
+        t.on_asr(2.6, &AsrEvent::SpeechEnded { at: 2.4 });
+        t.on_asr(2.65, &final_("my potassium.", 2.4));
+        tick(&mut t, 2.65);
+        let actions = drain(&mut t);
+        assert!(actions.contains(&TurnAction::StartReply {
+            reply: 1,
+            user_text: "I wanted to ask about my potassium.".into(),
+            speculative: false
+        }), "{actions:?}");
+    }
+
+    fn replying(t: &mut TurnManager) -> ReplyId {
+        t.on_asr(0.5, &AsrEvent::SpeechStarted { at: 0.4 });
+        t.on_asr(1.2, &AsrEvent::SpeechEnded { at: 1.0 });
+        t.on_asr(1.2, &final_("Is my hemoglobin normal?", 1.0));
+        tick(t, 1.2);
+        drain(t);
+        t.on_agent_audio_started(1);
+        assert_eq!(
+            drain(t),
+            vec![TurnAction::SetVadThreshold { threshold: 0.8 }],
+            "echo guard on while the agent speaks"
+        );
+        1
+    }
+
+    #[test]
+    fn barge_in_stops_output_and_cancels_the_reply() {
+        let mut t = TurnManager::new(TurnConfig::default());
+        let reply = replying(&mut t);
+        t.on_asr(2.1, &AsrEvent::SpeechStarted { at: 2.0 });
+        tick(&mut t, 2.29);
+        assert!(drain(&mut t).is_empty(), "not yet 300 ms of speech");
+        tick(&mut t, 2.3);
+        assert_eq!(
+            drain(&mut t),
+            vec![
+                TurnAction::StopOutput,
+                TurnAction::CancelReply {
+                    reply,
+                    reason: CancelReason::BargeIn
+                },
+                TurnAction::SetVadThreshold { threshold: 0.5 },
+            ]
+        );
+        assert_eq!(t.stats().barge_ins, 1);
+    }
+
+    #[test]
+    fn a_cough_or_backchannel_does_not_interrupt() {
+        let mut t = TurnManager::new(TurnConfig::default());
+        replying(&mut t);
+        t.on_asr(2.1, &AsrEvent::SpeechStarted { at: 2.0 });
+        t.on_asr(2.25, &AsrEvent::SpeechEnded { at: 2.15 });
+        t.on_asr(2.3, &final_("mm-hmm", 2.15));
+        tick(&mut t, 3.0);
+        assert!(drain(&mut t).is_empty());
+        assert_eq!(t.stats().ignored_short_speech, 1);
+        t.on_agent_audio_finished(1);
+        assert_eq!(drain(&mut t), vec![TurnAction::SetVadThreshold { threshold: 0.5 }]);
+    }
+}
