@@ -30,10 +30,15 @@ pub enum Command {
         #[command(subcommand)]
         command: ModelsCommand,
     },
+    /// Run the whole pipeline over a recorded conversation as if spoken live: a stereo WAV of
+    /// user and agent, per-turn latencies, and turn events.
+    Converse(crate::converse::ConverseArgs),
     /// Transcribe a WAV file with the streaming recognizer, one line per utterance.
     Transcribe(crate::transcribe::TranscribeArgs),
     /// Chat with the configured LLM in the terminal (one line per turn), streaming its tokens.
     Chat(crate::chat::ChatArgs),
+    /// Speak text with the Piper voice into a WAV file (`-` reads the text from stdin).
+    Say(crate::say::SayArgs),
     /// Inspect the configuration.
     Config {
         #[command(subcommand)]
@@ -100,7 +105,18 @@ fn init_logging(verbose: u8) {
 fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Models { command } => models(command),
-        Command::Chat(args) => crate::chat::run(cli.config.as_deref(), args).map(|()| ExitCode::SUCCESS),
+        Command::Chat(args) => {
+            crate::chat::run(cli.config.as_deref(), args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Say(args) => {
+            crate::say::run(args, cli.config.as_deref())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Converse(args) => {
+            crate::converse::run(args, cli.config.as_deref())?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Transcribe(args) => {
             crate::transcribe::run(args, cli.config.as_deref())?;
             Ok(ExitCode::SUCCESS)

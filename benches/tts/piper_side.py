@@ -1,4 +1,4 @@
-"""Python piper-tts side of benches/tts_vs_piper.sh: the same sentences, voice and threads as
+"""Python piper-tts side of benches/tts/run.sh: the same sentences, voice and threads as
 tts/examples/tts_bench.rs. Prints one JSON object."""
 
 import json

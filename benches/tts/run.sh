@@ -3,12 +3,12 @@
 # voice, same ONNX Runtime version (1.32.0), same threads, measured back to back in one run.
 # Targets (issue 5): first audio <= 80 ms after the first clause is complete; RTF <= 0.1 on 1 thread.
 #
-#   benches/tts_vs_piper.sh [THREADS]
+#   benches/tts/run.sh [THREADS]
 #
 # Needs `talkline models fetch` (voice, ONNX Runtime, piper-espeak-data). Python piper-tts is
 # installed into a venv under /tmp on first use (from the Python package index).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 threads="${1:-1}"
 cache="${TALKLINE_MODELS:-${XDG_CACHE_HOME:-$HOME/.cache}/talkline}"
 model="$cache/piper-joe/en_US-joe-medium.onnx"
@@ -28,7 +28,7 @@ fi
 cargo build --quiet -p talkline-tts --example tts_bench
 target="${CARGO_TARGET_DIR:-target}"
 rust=$("$target/debug/examples/tts_bench" "$model" "$ort_lib" "$espeak" "$threads")
-python=$("$venv/bin/python" benches/tts_piper.py "$model" "$threads")
+python=$("$venv/bin/python" benches/tts/piper_side.py "$model" "$threads")
 echo "$rust"
 echo "$python"
 python3 - "$rust" "$python" <<'PY'

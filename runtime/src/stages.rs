@@ -1,0 +1,153 @@
+//! Loading the stages from the configuration, once per process: the chat model and the voice.
+//! Every command that needs them (`chat`, `say`, `converse`, `serve`) goes through here.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use talkline_llm::remote::{OpenAiChatModel, OpenAiConfig};
+use talkline_llm::{ChatModel, DraftSource, LoadOptions, LocalChatModel, LocalConfig, LocalModel};
+use talkline_tts::{PiperVoice, VoiceOptions};
+
+use crate::config::{Config, LlmConfig, Origin, RequiredModel};
+use crate::models::ModelStore;
+
+/// The model that holds the espeak-ng data Piper was trained with.
+pub const ESPEAK_DATA_MODEL: &str = "piper-espeak-data";
+
+/// How to fix a missing file, by where it was supposed to come from.
+pub fn fix(origin: &Origin) -> String {
+    match origin {
+        Origin::Embedded { model } => format!("run `talkline models fetch --only {model}`"),
+        Origin::Configured { key } => format!("point {key} at an existing file"),
+    }
+}
+
+/// The configured file for `what` ("LLM model", "TTS voice", ...), which must exist.
+pub fn required_file(config: &Config, store: &ModelStore, what: &str) -> anyhow::Result<RequiredModel> {
+    let required = config
+        .required_models(store)
+        .into_iter()
+        .find(|r| r.what == what)
+        .with_context(|| format!("the configuration names no {what}"))?;
+    anyhow::ensure!(
+        required.path.is_file(),
+        "{what} {} is missing: {}",
+        required.path.display(),
+        fix(&required.origin)
+    );
+    Ok(required)
+}
+
+/// The configured chat model; `threads` overrides `[llm] threads`, `draft` picks speculative
+/// decoding for the local backend.
+pub fn chat_model(
+    config: &Config,
+    store: &ModelStore,
+    threads: Option<usize>,
+    draft: DraftChoice,
+) -> anyhow::Result<Box<dyn ChatModel>> {
+    match &config.llm {
+        LlmConfig::Local {
+            tokenizer,
+            threads: configured,
+            ..
+        } => {
+            let path = required_file(config, store, "LLM model")?.path;
+            let load = LoadOptions {
+                threads: threads.unwrap_or(*configured),
+                ..LoadOptions::default()
+            };
+            let model = LocalModel::load(&LocalConfig {
+                model: path.clone(),
+                tokenizer: tokenizer.clone(),
+                load: load.clone(),
+            })
+            .with_context(|| format!("loading {}", path.display()))?;
+            let draft = match draft {
+                DraftChoice::None => DraftSource::None,
+                DraftChoice::Lookup => DraftSource::lookup(),
+                DraftChoice::Model(draft) => DraftSource::model(
+                    LocalModel::load(&LocalConfig {
+                        model: draft.clone(),
+                        tokenizer: None,
+                        load,
+                    })
+                    .with_context(|| format!("loading the draft {}", draft.display()))?,
+                ),
+            };
+            Ok(Box::new(LocalChatModel { model, draft }))
+        }
+        LlmConfig::Openai {
+            base_url,
+            model,
+            api_key_env,
+        } => {
+            anyhow::ensure!(
+                matches!(draft, DraftChoice::None),
+                "speculative decoding (--draft, --lookup) needs the local backend"
+            );
+            let mut c = OpenAiConfig::new(base_url.clone(), model.clone());
+            if let Some(var) = api_key_env {
+                c.api_key = Some(
+                    std::env::var(var)
+                        .with_context(|| format!("[llm] api_key_env names {var}, which is unset"))?,
+                );
+            }
+            Ok(Box::new(OpenAiChatModel::new(c)))
+        }
+    }
+}
+
+/// Speculative decoding's draft source.
+#[derive(Debug, Clone, Default)]
+pub enum DraftChoice {
+    #[default]
+    None,
+    Lookup,
+    Model(std::path::PathBuf),
+}
+
+/// The default chat model for conversations: the configuration, prompt-lookup drafting off.
+pub fn load_chat_model(config: &Config, store: &ModelStore) -> anyhow::Result<Arc<dyn ChatModel>> {
+    Ok(Arc::from(chat_model(config, store, None, DraftChoice::None)?))
+}
+
+/// The configured voice (or `voice` by path), warmed up, on the shared ONNX Runtime.
+pub fn voice(
+    config: &Config,
+    store: &ModelStore,
+    voice: Option<&std::path::Path>,
+    threads: usize,
+    speaker: Option<u32>,
+) -> anyhow::Result<PiperVoice> {
+    let voice_path = match voice {
+        Some(p) => p.to_path_buf(),
+        None => required_file(config, store, "TTS voice")?.path,
+    };
+    let ort = required_file(config, store, "ONNX Runtime")?;
+    let env = crate::onnx::environment(&ort.path)?;
+    let espeak_parent = store.model_dir(ESPEAK_DATA_MODEL);
+    let espeak_data = if espeak_parent.join("espeak-ng-data").join("phontab").is_file() {
+        Some(espeak_parent)
+    } else {
+        eprintln!(
+            "warning: Piper's espeak-ng data is missing, so the system's is used and a few words \
+             may sound different; fix: talkline models fetch --only {ESPEAK_DATA_MODEL}"
+        );
+        None
+    };
+    let options = VoiceOptions {
+        threads: threads.max(1),
+        speaker: speaker.or(config.tts.speaker).map(i64::from),
+        espeak_data,
+        warm_up: true,
+        ..VoiceOptions::default()
+    };
+    PiperVoice::load(&env, &voice_path, &options)
+        .with_context(|| format!("loading the voice {}", voice_path.display()))
+}
+
+/// The configured voice for conversations.
+pub fn load_voice(config: &Config, store: &ModelStore) -> anyhow::Result<PiperVoice> {
+    voice(config, store, None, 1, None)
+}

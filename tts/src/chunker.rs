@@ -1,0 +1,313 @@
+//! LLM tokens to speakable chunks. The first chunk goes out as soon as a short clause is complete
+//! (time to first audio); later chunks are whole sentences (better prosody, fewer model runs).
+//!
+//! A boundary is punctuation followed by whitespace, so "4.5" and "e.g.x" never split, and the
+//! chunker waits for the next token when punctuation ends the text it has so far.
+
+/// When to cut.
+#[derive(Debug, Clone, Copy)]
+pub struct ChunkerConfig {
+    /// The first chunk needs at least this many words ("Yes," alone waits for more).
+    pub first_min_words: usize,
+    /// A chunk longer than this is cut at its last clause boundary, else at a space, so a run-on
+    /// sentence (or 10 kB without punctuation) never becomes one huge model input.
+    pub max_chars: usize,
+}
+
+impl Default for ChunkerConfig {
+    fn default() -> Self {
+        ChunkerConfig {
+            first_min_words: 3,
+            max_chars: 300,
+        }
+    }
+}
+
+/// A piece of text to synthesize, with its place in the whole text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TextChunk {
+    pub index: usize,
+    pub text: String,
+    /// Byte offset of `text` in everything pushed so far.
+    pub start: usize,
+}
+
+/// Cuts a stream of text deltas into chunks. Sans-I/O: feed it, collect what it returns.
+#[derive(Debug, Default)]
+pub struct ClauseChunker {
+    config: ChunkerConfig,
+    buf: String,
+    /// Bytes of the whole text before `buf`.
+    offset: usize,
+    emitted: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Boundary {
+    Clause,
+    Sentence,
+}
+
+/// Words with a period that does not end a sentence.
+const ABBREVIATIONS: &[&str] = &[
+    "Dr", "Mr", "Mrs", "Ms", "Prof", "St", "Jr", "Sr", "vs", "etc", "e.g", "i.e", "approx", "No",
+    "a.m", "p.m", "Fig", "ref",
+];
+
+impl ClauseChunker {
+    pub fn new(config: ChunkerConfig) -> Self {
+        ClauseChunker {
+            config,
+            ..Default::default()
+        }
+    }
+
+    /// Adds text; returns the chunks that are now complete.
+    pub fn push(&mut self, delta: &str) -> Vec<TextChunk> {
+        self.buf.push_str(delta);
+        let mut out = Vec::new();
+        while let Some(cut) = self.next_cut() {
+            if let Some(chunk) = self.take(cut) {
+                out.push(chunk);
+            }
+        }
+        out
+    }
+
+    /// The text left at the end of the stream.
+    pub fn finish(&mut self) -> Option<TextChunk> {
+        let all = self.buf.len();
+        self.take(all)
+    }
+
+    fn take(&mut self, cut: usize) -> Option<TextChunk> {
+        let piece: String = self.buf.drain(..cut).collect();
+        let start = self.offset + (piece.len() - piece.trim_start().len());
+        self.offset += cut;
+        let text = piece.trim();
+        if text.is_empty() {
+            return None;
+        }
+        let chunk = TextChunk {
+            index: self.emitted,
+            text: text.to_string(),
+            start,
+        };
+        self.emitted += 1;
+        Some(chunk)
+    }
+
+    /// Where to cut `buf` now, if anywhere.
+    fn next_cut(&self) -> Option<usize> {
+        let first = self.emitted == 0;
+        let mut last_clause = None;
+        for (end, kind) in boundaries(&self.buf) {
+            if end > self.config.max_chars {
+                break;
+            }
+            match kind {
+                Boundary::Sentence => return Some(end),
+                Boundary::Clause
+                    if first && words(&self.buf[..end]) >= self.config.first_min_words =>
+                {
+                    return Some(end)
+                }
+                _ => last_clause = Some(end),
+            }
+        }
+        if self.buf.len() > self.config.max_chars {
+            if let Some(end) = last_clause {
+                return Some(end);
+            }
+            let limit = floor_boundary(&self.buf, self.config.max_chars);
+            return Some(
+                self.buf[..limit]
+                    .rfind(char::is_whitespace)
+                    .filter(|&i| i > 0)
+                    .unwrap_or(limit),
+            );
+        }
+        None
+    }
+}
+
+fn words(s: &str) -> usize {
+    s.split_whitespace().count()
+}
+
+fn floor_boundary(s: &str, mut i: usize) -> usize {
+    while !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+/// Byte offsets just after each boundary (after closing quotes), with their kind. Only
+/// boundaries followed by whitespace count; a blank line ends a sentence.
+fn boundaries(s: &str) -> Vec<(usize, Boundary)> {
+    let mut out = Vec::new();
+    let chars: Vec<(usize, char)> = s.char_indices().collect();
+    let mut i = 0;
+    while i < chars.len() {
+        let (at, c) = chars[i];
+        let kind = match c {
+            '.' | '!' | '?' | '…' => Some(Boundary::Sentence),
+            ',' | ';' | ':' => Some(Boundary::Clause),
+            '\n' if chars.get(i + 1).is_some_and(|&(_, n)| n == '\n') => {
+                out.push((at, Boundary::Sentence));
+                None
+            }
+            _ => None,
+        };
+        if let Some(kind) = kind {
+            // Closing quotes and brackets stay with the clause they close.
+            let mut j = i + 1;
+            while j < chars.len() && matches!(chars[j].1, '"' | '\'' | ')' | ']' | '”' | '’') {
+                j += 1;
+            }
+            // The boundary is only known once whitespace follows.
+            if j < chars.len() && chars[j].1.is_whitespace() {
+                // "Dr. Lee" goes on: never cut after an abbreviation or an initial.
+                if c == '.' && is_abbreviation(&s[..at]) {
+                    i = j;
+                    continue;
+                }
+                let end = chars.get(j).map_or(s.len(), |&(b, _)| b);
+                out.push((end, kind));
+            }
+            i = j;
+            continue;
+        }
+        i += 1;
+    }
+    out
+}
+
+fn is_abbreviation(before_period: &str) -> bool {
+    let word = before_period
+        .rsplit(|c: char| c.is_whitespace() || c == '(')
+        .next()
+        .unwrap_or("");
+    ABBREVIATIONS.contains(&word)
+        // A single capital is an initial: "J. Smith".
+        || (word.chars().count() == 1 && word.chars().all(|c| c.is_uppercase()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn feed(tokens: &[&str], config: ChunkerConfig) -> Vec<String> {
+        let mut c = ClauseChunker::new(config);
+        let mut out: Vec<String> = Vec::new();
+        for t in tokens {
+            out.extend(c.push(t).into_iter().map(|c| c.text));
+        }
+        out.extend(c.finish().map(|c| c.text));
+        out
+    }
+
+    fn tokens(text: &str) -> Vec<&str> {
+        // LLM-like pieces: words with their leading space.
+        let mut out = Vec::new();
+        let mut start = 0;
+        for (i, c) in text.char_indices() {
+            if c == ' ' && i > start {
+                out.push(&text[start..i]);
+                start = i;
+            }
+        }
+        out.push(&text[start..]);
+        out
+    }
+
+    #[test]
+    fn first_chunk_is_a_short_clause_then_sentences() {
+        let text = "Your results look good, and nothing needs attention. The hemoglobin is normal, the iron is fine. See you soon!";
+        assert_eq!(
+            feed(&tokens(text), ChunkerConfig::default()),
+            [
+                "Your results look good,",
+                "and nothing needs attention.",
+                "The hemoglobin is normal, the iron is fine.",
+                "See you soon!",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_clause_too_short_for_the_first_chunk_waits() {
+        assert_eq!(
+            feed(
+                &tokens("Yes, that is right, indeed."),
+                ChunkerConfig::default()
+            ),
+            ["Yes, that is right,", "indeed."]
+        );
+    }
+
+    #[test]
+    fn decimals_abbreviations_and_initials_do_not_split() {
+        let text = "Dr. Lee says 4.5 g/dL is fine. J. Smith agrees with Dr. Lee e.g. here.";
+        assert_eq!(
+            feed(&tokens(text), ChunkerConfig::default()),
+            [
+                "Dr. Lee says 4.5 g/dL is fine.",
+                "J. Smith agrees with Dr. Lee e.g. here."
+            ]
+        );
+    }
+
+    #[test]
+    fn punctuation_at_the_end_of_a_token_waits_for_the_next_one() {
+        let mut c = ClauseChunker::new(ChunkerConfig::default());
+        assert!(c.push("It is 4.").is_empty(), "could be a decimal");
+        assert!(c.push("5 today").is_empty());
+        let chunks = c.push(". Then");
+        assert_eq!(chunks.len(), 1);
+        assert_eq!(chunks[0].text, "It is 4.5 today.");
+        assert_eq!(c.finish().unwrap().text, "Then");
+    }
+
+    #[test]
+    fn quotes_stay_with_their_sentence_and_offsets_point_into_the_text() {
+        let text = "He said \"stop.\" Then he left.";
+        let mut c = ClauseChunker::new(ChunkerConfig::default());
+        let mut chunks = c.push(text);
+        chunks.extend(c.finish());
+        assert_eq!(chunks[0].text, "He said \"stop.\"");
+        assert_eq!(&text[chunks[1].start..], "Then he left.");
+        assert_eq!(chunks[1].index, 1);
+    }
+
+    #[test]
+    fn long_text_without_punctuation_is_cut_at_spaces() {
+        let text = "word ".repeat(2_000); // 10 kB
+        let chunks = feed(&[text.as_str()], ChunkerConfig::default());
+        assert!(chunks.len() >= 30, "{} chunks", chunks.len());
+        assert!(chunks
+            .iter()
+            .all(|c| c.len() <= 300 && !c.contains("wo rd")));
+        assert_eq!(chunks.iter().map(|c| words(c)).sum::<usize>(), 2_000);
+    }
+
+    #[test]
+    fn long_sentence_is_cut_at_its_last_clause_boundary() {
+        let text = format!(
+            "{}, and then {}.",
+            "a ".repeat(100).trim(),
+            "b ".repeat(100).trim()
+        );
+        let config = ChunkerConfig {
+            first_min_words: 3,
+            max_chars: 250,
+        };
+        let chunks = feed(&[text.as_str()], config);
+        assert_eq!(chunks[0], format!("{},", "a ".repeat(100).trim()));
+    }
+
+    #[test]
+    fn empty_input_gives_no_chunks() {
+        assert!(feed(&["", "  ", "\n"], ChunkerConfig::default()).is_empty());
+    }
+}
