@@ -61,6 +61,10 @@ struct Reply {
     /// Media time the audio may play from (speculative replies: once committed).
     release: Option<f64>,
     text: String,
+    /// Everything the LLM wrote (`text` becomes what was heard when interrupted).
+    generated: String,
+    /// Media time output was stopped by a barge-in.
+    stopped_at: Option<f64>,
     first_token_s: Option<f64>,
     /// (arrival offset from `started`, samples) per chunk.
     chunks: Vec<(f64, Vec<f32>)>,
@@ -84,9 +88,9 @@ pub fn run(args: ConverseArgs, config_path: Option<&Path>) -> anyhow::Result<()>
     let (config, _) = Config::load(config_path)?;
     let store = ModelStore::open_default()?;
     let user_audio = talkline_asr::audio::read_wav_16k(&args.input)?;
-    let whisper = crate::transcribe::load_whisper(&config, &store)?;
+    let whisper = crate::stages::load_whisper(&config, &store)?;
     let mut asr_session = whisper.session()?;
-    let vad = crate::transcribe::load_vad(&config, &store);
+    let vad = crate::stages::load_vad(&config, &store);
     let mut recognizer = StreamingRecognizer::new(config.streaming(), vad);
     let chat_model = crate::stages::load_chat_model(&config, &store)?;
     let mut chat = chat_model.new_session()?;
@@ -226,6 +230,7 @@ pub fn run(args: ConverseArgs, config_path: Option<&Path>) -> anyhow::Result<()>
                                 let played = ((now - start) * SAMPLE_RATE as f64) as u64;
                                 let heard = r.audio.heard(played);
                                 r.text = heard.text;
+                                r.stopped_at = Some(now);
                                 r.playback = Some((start, now));
                                 agent_track.truncate(cut.max((start * SAMPLE_RATE as f64) as usize));
                             }
@@ -308,6 +313,9 @@ pub fn run(args: ConverseArgs, config_path: Option<&Path>) -> anyhow::Result<()>
                 "voice_to_voice_ms": (start - speech_end) * MS,
                 "speculative": if r.speculative { "hit" } else if r.missed { "miss" } else { "none" },
                 "interrupted": interrupted,
+                "agent_generated_text": r.generated,
+                "stopped_at_ms": r.stopped_at.map(|t| t * MS),
+                "playback_end_ms": end * MS,
             });
             if let Some(out) = &mut events_out {
                 writeln!(out, "{row}")?;
@@ -381,6 +389,8 @@ fn generate(
         started: now,
         release: None,
         text: reply.text.trim().to_string(),
+        generated: reply.text.trim().to_string(),
+        stopped_at: None,
         first_token_s: first_token,
         chunks,
         audio,

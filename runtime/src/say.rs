@@ -8,13 +8,9 @@ use std::time::Instant;
 
 use anyhow::Context;
 use talkline_tts::stream::{self, StreamConfig};
-use talkline_tts::{PiperVoice, VoiceOptions};
 
-use crate::config::{Config, Origin};
+use crate::config::Config;
 use crate::models::ModelStore;
-
-/// The cached model that holds Piper's espeak-ng data.
-const ESPEAK_DATA_MODEL: &str = "piper-espeak-data";
 
 #[derive(Debug, clap::Args)]
 pub struct SayArgs {
@@ -55,53 +51,18 @@ pub fn run(args: SayArgs, config_path: Option<&Path>) -> anyhow::Result<()> {
 
     let (config, _) = Config::load(config_path)?;
     let store = ModelStore::open_default()?;
-    let required = config.required_models(&store);
-    let find = |what: &str| required.iter().find(|r| r.what == what);
-    let voice_path = match (&args.voice, find("TTS voice")) {
-        (Some(p), _) => p.clone(),
-        (None, Some(r)) => {
-            if !r.path.is_file() {
-                anyhow::bail!(
-                    "TTS voice {} is missing: {}",
-                    r.path.display(),
-                    fix(&r.origin)
-                );
-            }
-            r.path.clone()
-        }
-        (None, None) => anyhow::bail!("no TTS voice configured"),
-    };
-    let ort = find("ONNX Runtime").context("no ONNX Runtime configured")?;
-    let env = crate::onnx::environment(&ort.path)?;
-
-    let espeak_parent = store.model_dir(ESPEAK_DATA_MODEL);
-    let espeak_data = if espeak_parent
-        .join("espeak-ng-data")
-        .join("phontab")
-        .is_file()
-    {
-        Some(espeak_parent)
-    } else {
-        eprintln!(
-            "warning: Piper's espeak-ng data is missing, so the system's is used and a few words \
-             may sound different; fix: talkline models fetch --only {ESPEAK_DATA_MODEL}"
-        );
-        None
-    };
-    let options = VoiceOptions {
-        threads: args.threads.max(1),
-        speaker: args.speaker.or(config.tts.speaker).map(i64::from),
-        espeak_data,
-        warm_up: true,
-        ..VoiceOptions::default()
-    };
     let loading = Instant::now();
-    let voice = PiperVoice::load(&env, &voice_path, &options)
-        .with_context(|| format!("loading the voice {}", voice_path.display()))?;
+    let voice = crate::stages::voice(
+        &config,
+        &store,
+        args.voice.as_deref(),
+        args.threads,
+        args.speaker,
+    )?;
     let voice_rate = voice.sample_rate();
     let rate = args.rate.unwrap_or(voice_rate);
     tracing::info!(
-        voice = %voice_path.display(),
+        voice = %voice.path().display(),
         ms = loading.elapsed().as_millis() as u64,
         "voice loaded and warmed up"
     );
@@ -154,13 +115,6 @@ pub fn run(args: SayArgs, config_path: Option<&Path>) -> anyhow::Result<()> {
         synth_time.as_secs_f64() / seconds
     );
     Ok(())
-}
-
-fn fix(origin: &Origin) -> String {
-    match origin {
-        Origin::Embedded { model } => format!("run `talkline models fetch --only {model}`"),
-        Origin::Configured { key } => format!("check {key} in the config"),
-    }
 }
 
 fn write_wav(path: &Path, samples: &[f32], rate: u32) -> anyhow::Result<()> {

@@ -6,6 +6,8 @@ use std::sync::Arc;
 use anyhow::Context;
 use talkline_llm::remote::{OpenAiChatModel, OpenAiConfig};
 use talkline_llm::{ChatModel, DraftSource, LoadOptions, LocalChatModel, LocalConfig, LocalModel};
+use talkline_asr::vad::{EnergyVad, SileroVad, SpeechProbability};
+use talkline_asr::whisper::WhisperModel;
 use talkline_tts::{PiperVoice, VoiceOptions};
 
 use crate::config::{Config, LlmConfig, Origin, RequiredModel};
@@ -150,4 +152,28 @@ pub fn voice(
 /// The configured voice for conversations.
 pub fn load_voice(config: &Config, store: &ModelStore) -> anyhow::Result<PiperVoice> {
     voice(config, store, None, 1, None)
+}
+
+/// The Silero VAD when its model and ONNX Runtime are present, else the energy VAD with a warning.
+pub fn load_vad(config: &Config, store: &ModelStore) -> Box<dyn SpeechProbability> {
+    let silero = (|| -> anyhow::Result<SileroVad> {
+        let vad = required_file(config, store, "VAD model")?;
+        let ort = required_file(config, store, "ONNX Runtime")?;
+        let env = crate::onnx::environment(&ort.path)?;
+        Ok(SileroVad::load(&env, &vad.path)?)
+    })();
+    match silero {
+        Ok(vad) => Box::new(vad),
+        Err(e) => {
+            tracing::warn!("Silero VAD unavailable ({e:#}); falling back to the energy VAD");
+            eprintln!("warning: Silero VAD unavailable ({e:#}); using the energy VAD");
+            Box::new(EnergyVad::default())
+        }
+    }
+}
+
+/// The configured Whisper model, loaded once and shared by every session.
+pub fn load_whisper(config: &Config, store: &ModelStore) -> anyhow::Result<WhisperModel> {
+    let asr = required_file(config, store, "ASR model")?;
+    Ok(WhisperModel::load(&asr.path)?)
 }

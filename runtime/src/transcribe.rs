@@ -2,13 +2,11 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
 use talkline_asr::offline::transcribe_stream;
 use talkline_asr::streaming::{AsrEvent, StreamingRecognizer};
-use talkline_asr::vad::{EnergyVad, SileroVad, SpeechProbability};
-use talkline_asr::whisper::{DecodeOptions, WhisperModel};
+use talkline_asr::whisper::DecodeOptions;
 
-use crate::config::{Config, RequiredModel};
+use crate::config::Config;
 use crate::models::ModelStore;
 
 #[derive(Debug, clap::Args)]
@@ -27,55 +25,13 @@ pub struct TranscribeArgs {
     pub threads: Option<usize>,
 }
 
-fn model_path(config: &Config, store: &ModelStore, what: &str) -> Option<RequiredModel> {
-    config
-        .required_models(store)
-        .into_iter()
-        .find(|r| r.what == what)
-}
-
-/// The Silero VAD when its model and ONNX Runtime are present, else the energy VAD with a warning.
-pub fn load_vad(config: &Config, store: &ModelStore) -> Box<dyn SpeechProbability> {
-    let silero = (|| -> anyhow::Result<SileroVad> {
-        let vad = model_path(config, store, "VAD model").context("no VAD model configured")?;
-        let ort =
-            model_path(config, store, "ONNX Runtime").context("no ONNX Runtime configured")?;
-        let env = crate::onnx::environment(&ort.path)?;
-        Ok(SileroVad::load(&env, &vad.path)?)
-    })();
-    match silero {
-        Ok(vad) => Box::new(vad),
-        Err(e) => {
-            tracing::warn!("Silero VAD unavailable ({e:#}); falling back to the energy VAD");
-            eprintln!("warning: Silero VAD unavailable ({e:#}); using the energy VAD");
-            Box::new(EnergyVad::default())
-        }
-    }
-}
-
-pub fn load_whisper(config: &Config, store: &ModelStore) -> anyhow::Result<WhisperModel> {
-    let asr = model_path(config, store, "ASR model").context("no ASR model configured")?;
-    if !asr.path.is_file() {
-        anyhow::bail!(
-            "ASR model {} is missing: {}",
-            asr.path.display(),
-            match &asr.origin {
-                crate::config::Origin::Embedded { model } =>
-                    format!("run `talkline models fetch --only {model}`"),
-                crate::config::Origin::Configured { key } => format!("check {key}"),
-            }
-        );
-    }
-    Ok(WhisperModel::load(&asr.path)?)
-}
-
 pub fn run(args: TranscribeArgs, config_path: Option<&Path>) -> anyhow::Result<()> {
     let (config, _) = Config::load(config_path)?;
     let store = ModelStore::open_default()?;
     let audio = talkline_asr::audio::read_wav_16k(&args.file)?;
-    let model = load_whisper(&config, &store)?;
+    let model = crate::stages::load_whisper(&config, &store)?;
     let mut session = model.session()?;
-    let vad = load_vad(&config, &store);
+    let vad = crate::stages::load_vad(&config, &store);
     let mut recognizer = StreamingRecognizer::new(config.streaming(), vad);
     let options = DecodeOptions {
         threads: args.threads.unwrap_or(config.asr.threads),
