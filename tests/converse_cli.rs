@@ -29,7 +29,11 @@ fn rms(samples: &[f32]) -> f32 {
 }
 
 fn converse(input: &[f32], dir: &Path, extra: &[&str]) -> (Vec<serde_json::Value>, Vec<f32>) {
-    let (wav, out, events) = (dir.join("in.wav"), dir.join("out.wav"), dir.join("events.jsonl"));
+    let (wav, out, events) = (
+        dir.join("in.wav"),
+        dir.join("out.wav"),
+        dir.join("events.jsonl"),
+    );
     write_wav_16k(&wav, input);
     let mut args = vec![
         "converse",
@@ -69,13 +73,21 @@ fn three_questions_get_three_spoken_replies_with_metrics() {
         let user = e["user_text"].as_str().unwrap();
         assert!(wer(q, user) <= 0.35, "{user:?} vs {q:?}");
         assert!(!e["agent_text"].as_str().unwrap().is_empty(), "{e}");
-        for key in ["asr_final_ms", "llm_first_token_ms", "tts_first_audio_ms", "voice_to_voice_ms"] {
+        for key in [
+            "asr_final_ms",
+            "llm_first_token_ms",
+            "tts_first_audio_ms",
+            "voice_to_voice_ms",
+        ] {
             assert!(e[key].as_f64().is_some_and(|v| v > 0.0), "{key} in {e}");
         }
         assert!(["hit", "miss", "none"].contains(&e["speculative"].as_str().unwrap()));
         // The agent speaks after the question, in the gap before the next one.
         let start = (e["first_audio_out_ms"].as_f64().unwrap() * 16.0) as usize;
-        assert!(start > *end, "the agent spoke before the user finished: {e}");
+        assert!(
+            start > *end,
+            "the agent spoke before the user finished: {e}"
+        );
         let first_second = &agent[start..(start + 16_000).min(agent.len())];
         assert!(rms(first_second) > 0.01, "agent audio is silent: {e}");
     }
@@ -87,7 +99,9 @@ fn three_questions_get_three_spoken_replies_with_metrics() {
 fn barge_in_stops_the_agent_within_a_frame_and_keeps_only_heard_words() {
     // A question, then the user talks over the (long) reply about two seconds in.
     let mut input = vec![0.0f32; 16_000];
-    input.extend(espeak_16k("Can you explain what cholesterol is and why it matters?"));
+    input.extend(espeak_16k(
+        "Can you explain what cholesterol is and why it matters?",
+    ));
     input.extend(vec![0.0; 16_000 * 3]);
     input.extend(espeak_16k("Sorry, stop, I have another question."));
     input.extend(vec![0.0; 16_000 * 8]);

@@ -105,6 +105,8 @@ struct InboxState {
     /// Media time reached without audio (transport silent), for the endpointer's timers.
     clock: Option<f64>,
     dropped_samples: u64,
+    /// New VAD thresholds (threshold, release) to apply.
+    thresholds: Option<(f32, f32)>,
     closed: bool,
 }
 
@@ -144,6 +146,13 @@ impl AsrStream {
         state.clock = Some(state.clock.map_or(now, |c| c.max(now)));
         drop(state);
         self.inbox.wake.notify_one();
+    }
+
+    /// Changes the VAD thresholds from the next frame on (the echo guard raises them while the
+    /// agent speaks).
+    pub fn set_vad_thresholds(&self, threshold: f32, release: f32) {
+        let mut state = self.inbox.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.thresholds = Some((threshold, release));
     }
 
     /// Audio dropped because the thread fell behind.
@@ -191,7 +200,7 @@ struct Worker {
 impl Worker {
     fn run(mut self) {
         loop {
-            let (chunks, clock, closed) = {
+            let (chunks, clock, closed, thresholds) = {
                 let mut state = self.inbox.state.lock().unwrap_or_else(|p| p.into_inner());
                 while state.chunks.is_empty() && state.clock.is_none() && !state.closed {
                     state = self
@@ -205,10 +214,16 @@ impl Worker {
                     std::mem::take(&mut state.chunks),
                     state.clock.take(),
                     state.closed,
+                    state.thresholds.take(),
                 )
             };
             if closed {
                 return;
+            }
+            if let Some((threshold, release)) = thresholds {
+                self.recognizer
+                    .endpointer_mut()
+                    .set_thresholds(threshold, release);
             }
             for (timestamp, mut samples) in chunks {
                 crate::audio::sanitize(&mut samples);

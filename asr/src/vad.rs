@@ -357,7 +357,9 @@ mod tests {
         assert!(!events
             .iter()
             .any(|(_, ev)| matches!(ev, VadEvent::SpeechEnded { .. })));
-        assert!(matches!(events.last(), Some((_, VadEvent::SpeechResumed { at })) if (at - 0.448).abs() < 1e-9));
+        assert!(
+            matches!(events.last(), Some((_, VadEvent::SpeechResumed { at })) if (at - 0.448).abs() < 1e-9)
+        );
         assert!(e.in_speech());
     }
 

@@ -46,6 +46,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let prompt = model.prompt_tokens(&first)?;
 
     let (mut prompt_tps, mut decode_tps, mut follow_ttft) = (vec![], vec![], vec![]);
+    let mut prefilled_ttft = vec![];
     let (mut plain_tps, mut lookup_tps, mut accept) = (vec![], vec![], vec![]);
     for _ in 0..reps {
         // Prompt processing and plain decoding (stop tokens ignored: fixed length).
@@ -79,8 +80,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             max_tokens: 1,
             sampling: Sampling::Greedy,
         };
+        let mut s2 = LocalSession::new(model.clone());
+        s2.sync(s.cached_tokens(), &cancel)?;
         let r = talkline_llm::ChatSession::reply(&mut s, &second, &one, &cancel, &mut |_| {})?;
         follow_ttft.push(r.stats.time_to_first_token.as_secs_f64() * 1000.0);
+        // The voice path: the turn manager prefilled the transcript while the user spoke, so
+        // at end of turn only the end-of-turn marker and the assistant header remain.
+        talkline_llm::ChatSession::prefill(&mut s2, &second)?;
+        let r = talkline_llm::ChatSession::reply(&mut s2, &second, &one, &cancel, &mut |_| {})?;
+        prefilled_ttft.push(r.stats.time_to_first_token.as_secs_f64() * 1000.0);
 
         // Speculative decoding on a reply that copies the prompt.
         let copy = [Message::user(COPY)];
@@ -113,6 +121,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         &mut decode_tps,
     );
     report("follow-up time to first token", "ms", &mut follow_ttft);
+    report("  ... transcript prefilled", "ms", &mut prefilled_ttft);
     report("copy reply, plain decode", "tok/s", &mut plain_tps);
     report("copy reply, prompt lookup", "tok/s", &mut lookup_tps);
     report("prompt lookup acceptance", "%", &mut accept);

@@ -17,7 +17,7 @@ use crate::tokenizer::{TextStream, Tokenizer};
 
 /// Prompt tokens per forward pass during prefill. Bounds the scratch memory (which grows with
 /// the batch) and the time between cancellation checks.
-pub const PREFILL_CHUNK: usize = 64;
+pub const PREFILL_CHUNK: usize = 32;
 
 /// What to load.
 #[derive(Debug, Clone, Default)]

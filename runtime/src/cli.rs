@@ -33,6 +33,8 @@ pub enum Command {
     /// Run the whole pipeline over a recorded conversation as if spoken live: a stereo WAV of
     /// user and agent, per-turn latencies, and turn events.
     Converse(crate::converse::ConverseArgs),
+    /// Serve live conversations: WebSocket `/ws`, `/healthz`, `/metrics`.
+    Serve(crate::serve::ServeArgs),
     /// Transcribe a WAV file with the streaming recognizer, one line per utterance.
     Transcribe(crate::transcribe::TranscribeArgs),
     /// Chat with the configured LLM in the terminal (one line per turn), streaming its tokens.
@@ -115,6 +117,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Converse(args) => {
             crate::converse::run(args, cli.config.as_deref())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Serve(args) => {
+            crate::serve::run(args, cli.config.as_deref())?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Transcribe(args) => {

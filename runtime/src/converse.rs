@@ -232,7 +232,8 @@ pub fn run(args: ConverseArgs, config_path: Option<&Path>) -> anyhow::Result<()>
                                 r.text = heard.text;
                                 r.stopped_at = Some(now);
                                 r.playback = Some((start, now));
-                                agent_track.truncate(cut.max((start * SAMPLE_RATE as f64) as usize));
+                                agent_track
+                                    .truncate(cut.max((start * SAMPLE_RATE as f64) as usize));
                             }
                         }
                     }
@@ -246,7 +247,9 @@ pub fn run(args: ConverseArgs, config_path: Option<&Path>) -> anyhow::Result<()>
                 }
                 TurnAction::SetVadThreshold { threshold } => {
                     let release = (threshold - 0.15).max(0.01);
-                    recognizer.endpointer_mut().set_thresholds(threshold, release);
+                    recognizer
+                        .endpointer_mut()
+                        .set_thresholds(threshold, release);
                 }
             }
         }
@@ -260,7 +263,9 @@ pub fn run(args: ConverseArgs, config_path: Option<&Path>) -> anyhow::Result<()>
             let Some(first_offset) = r.chunks.first().map(|c| c.0) else {
                 continue;
             };
-            let start = release.max(r.started + first_offset).max(agent_track.len() as f64 / SAMPLE_RATE as f64);
+            let start = release
+                .max(r.started + first_offset)
+                .max(agent_track.len() as f64 / SAMPLE_RATE as f64);
             if start > now {
                 continue;
             }
@@ -276,7 +281,10 @@ pub fn run(args: ConverseArgs, config_path: Option<&Path>) -> anyhow::Result<()>
                 agent_track.extend_from_slice(samples);
                 position = agent_track.len();
             }
-            r.playback = Some((begin as f64 / SAMPLE_RATE as f64, position as f64 / SAMPLE_RATE as f64));
+            r.playback = Some((
+                begin as f64 / SAMPLE_RATE as f64,
+                position as f64 / SAMPLE_RATE as f64,
+            ));
             tracing::debug!(reply = r.id, ?r.playback, "placed");
             turns.on_agent_audio_started(r.id);
         }

@@ -9,6 +9,8 @@ pub mod converse;
 pub mod models;
 pub mod onnx;
 pub mod say;
+pub mod serve;
+pub mod session;
 pub mod stages;
 pub mod transcribe;
 pub mod turn;

@@ -4,10 +4,10 @@
 use std::sync::Arc;
 
 use anyhow::Context;
-use talkline_llm::remote::{OpenAiChatModel, OpenAiConfig};
-use talkline_llm::{ChatModel, DraftSource, LoadOptions, LocalChatModel, LocalConfig, LocalModel};
 use talkline_asr::vad::{EnergyVad, SileroVad, SpeechProbability};
 use talkline_asr::whisper::WhisperModel;
+use talkline_llm::remote::{OpenAiChatModel, OpenAiConfig};
+use talkline_llm::{ChatModel, DraftSource, LoadOptions, LocalChatModel, LocalConfig, LocalModel};
 use talkline_tts::{PiperVoice, VoiceOptions};
 
 use crate::config::{Config, LlmConfig, Origin, RequiredModel};
@@ -25,7 +25,11 @@ pub fn fix(origin: &Origin) -> String {
 }
 
 /// The configured file for `what` ("LLM model", "TTS voice", ...), which must exist.
-pub fn required_file(config: &Config, store: &ModelStore, what: &str) -> anyhow::Result<RequiredModel> {
+pub fn required_file(
+    config: &Config,
+    store: &ModelStore,
+    what: &str,
+) -> anyhow::Result<RequiredModel> {
     let required = config
         .required_models(store)
         .into_iter()
@@ -90,10 +94,10 @@ pub fn chat_model(
             );
             let mut c = OpenAiConfig::new(base_url.clone(), model.clone());
             if let Some(var) = api_key_env {
-                c.api_key = Some(
-                    std::env::var(var)
-                        .with_context(|| format!("[llm] api_key_env names {var}, which is unset"))?,
-                );
+                c.api_key =
+                    Some(std::env::var(var).with_context(|| {
+                        format!("[llm] api_key_env names {var}, which is unset")
+                    })?);
             }
             Ok(Box::new(OpenAiChatModel::new(c)))
         }
@@ -111,7 +115,12 @@ pub enum DraftChoice {
 
 /// The default chat model for conversations: the configuration, prompt-lookup drafting off.
 pub fn load_chat_model(config: &Config, store: &ModelStore) -> anyhow::Result<Arc<dyn ChatModel>> {
-    Ok(Arc::from(chat_model(config, store, None, DraftChoice::None)?))
+    Ok(Arc::from(chat_model(
+        config,
+        store,
+        None,
+        DraftChoice::None,
+    )?))
 }
 
 /// The configured voice (or `voice` by path), warmed up, on the shared ONNX Runtime.
@@ -129,7 +138,11 @@ pub fn voice(
     let ort = required_file(config, store, "ONNX Runtime")?;
     let env = crate::onnx::environment(&ort.path)?;
     let espeak_parent = store.model_dir(ESPEAK_DATA_MODEL);
-    let espeak_data = if espeak_parent.join("espeak-ng-data").join("phontab").is_file() {
+    let espeak_data = if espeak_parent
+        .join("espeak-ng-data")
+        .join("phontab")
+        .is_file()
+    {
         Some(espeak_parent)
     } else {
         eprintln!(

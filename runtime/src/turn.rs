@@ -71,14 +71,23 @@ pub enum TurnAction {
         speculative: bool,
     },
     /// The speculation was right: release its audio.
-    CommitReply { reply: ReplyId },
-    CancelReply { reply: ReplyId, reason: CancelReason },
+    CommitReply {
+        reply: ReplyId,
+    },
+    CancelReply {
+        reply: ReplyId,
+        reason: CancelReason,
+    },
     /// Stop agent audio now and drop what is queued (barge-in).
     StopOutput,
     /// Ask the LLM how likely the user is done after `text`; answer with
     /// [`TurnManager::on_end_of_utterance`].
-    EstimateEndOfUtterance { text: String },
-    SetVadThreshold { threshold: f32 },
+    EstimateEndOfUtterance {
+        text: String,
+    },
+    SetVadThreshold {
+        threshold: f32,
+    },
 }
 
 /// Counters for metrics.
@@ -479,7 +488,14 @@ mod tests {
         t.on_asr(1.23, &AsrEvent::Paused { at: 1.2 });
         t.on_asr(1.3, &partial("My doctor said", 1.23));
         tick(&mut t, 1.35);
-        assert!(matches!(drain(&mut t)[..], [TurnAction::StartReply { reply: 1, speculative: true, .. }]));
+        assert!(matches!(
+            drain(&mut t)[..],
+            [TurnAction::StartReply {
+                reply: 1,
+                speculative: true,
+                ..
+            }]
+        ));
         t.on_asr(1.5, &AsrEvent::Resumed { at: 1.45 });
         assert_eq!(
             drain(&mut t),
@@ -497,7 +513,9 @@ mod tests {
             user_text: "My doctor said my cholesterol is high.".into(),
             speculative: false
         }));
-        assert!(!actions.iter().any(|a| matches!(a, TurnAction::CommitReply { .. })));
+        assert!(!actions
+            .iter()
+            .any(|a| matches!(a, TurnAction::CommitReply { .. })));
         assert_eq!(t.stats().speculative_misses, 1);
     }
 
@@ -517,7 +535,14 @@ mod tests {
             reply: 1,
             reason: CancelReason::TranscriptChanged
         }));
-        assert!(actions.iter().any(|a| matches!(a, TurnAction::StartReply { reply: 2, speculative: false, .. })));
+        assert!(actions.iter().any(|a| matches!(
+            a,
+            TurnAction::StartReply {
+                reply: 2,
+                speculative: false,
+                ..
+            }
+        )));
     }
 
     #[test]
@@ -527,7 +552,11 @@ mod tests {
         t.on_asr(1.2, &AsrEvent::SpeechEnded { at: 1.0 });
         t.on_asr(1.25, &final_("I wanted to ask about", 1.0));
         drain(&mut t);
-        assert_eq!(t.poll_timeout(), Some(1.8), "max delay past the end of speech");
+        assert_eq!(
+            t.poll_timeout(),
+            Some(1.8),
+            "max delay past the end of speech"
+        );
         t.on_end_of_utterance(1.3, "I wanted to ask about", 0.1);
         tick(&mut t, 1.79);
         assert!(drain(&mut t).is_empty());
@@ -537,11 +566,14 @@ mod tests {
         t.on_asr(2.65, &final_("my potassium.", 2.4));
         tick(&mut t, 2.65);
         let actions = drain(&mut t);
-        assert!(actions.contains(&TurnAction::StartReply {
-            reply: 1,
-            user_text: "I wanted to ask about my potassium.".into(),
-            speculative: false
-        }), "{actions:?}");
+        assert!(
+            actions.contains(&TurnAction::StartReply {
+                reply: 1,
+                user_text: "I wanted to ask about my potassium.".into(),
+                speculative: false
+            }),
+            "{actions:?}"
+        );
     }
 
     fn replying(t: &mut TurnManager) -> ReplyId {
@@ -592,6 +624,9 @@ mod tests {
         assert!(drain(&mut t).is_empty());
         assert_eq!(t.stats().ignored_short_speech, 1);
         t.on_agent_audio_finished(1);
-        assert_eq!(drain(&mut t), vec![TurnAction::SetVadThreshold { threshold: 0.5 }]);
+        assert_eq!(
+            drain(&mut t),
+            vec![TurnAction::SetVadThreshold { threshold: 0.5 }]
+        );
     }
 }

@@ -1,0 +1,306 @@
+//! `talkline serve`: HTTP with the WebSocket transport (`/ws`), `/healthz` and `/metrics`.
+//!
+//! WebSocket protocol: the client first sends `{"type":"hello","sample_rate":16000}` (8-48 kHz),
+//! then binary frames of mono PCM16 little-endian audio at that rate. The server sends binary
+//! frames of agent audio at the same rate, paced at 20 ms, and JSON events: `ready`, `partial`,
+//! `final`, `turn` (texts and latencies), `clear` (drop queued audio: barge-in) and `error`.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use futures_util::{SinkExt, StreamExt};
+use serde::Deserialize;
+use serde_json::json;
+use talkline_asr::audio::To16k;
+use talkline_asr::engine::AsrEngine;
+use talkline_asr::whisper::DecodeOptions;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::converse::DEFAULT_SYSTEM_PROMPT;
+use crate::models::ModelStore;
+use crate::session::{self, SessionOutput, Shared};
+use crate::turn::TurnConfig;
+
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// Address to listen on (port 0 picks a free port; the chosen address is printed).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Concurrent sessions; more are refused with 503.
+    #[arg(long, default_value_t = 4)]
+    pub max_sessions: usize,
+    /// Most tokens in one reply.
+    #[arg(long, default_value_t = 60)]
+    pub max_tokens: usize,
+}
+
+/// Largest WebSocket message accepted: 1 s of 48 kHz PCM16 is 96 kB.
+const MAX_MESSAGE_BYTES: usize = 256 * 1024;
+/// Audio waiting for the session, in 20 ms frames. Policy when full: drop the frame and count it.
+const INPUT_QUEUE: usize = 100;
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Default)]
+struct Metrics {
+    active: AtomicUsize,
+    total: AtomicU64,
+    rejected: AtomicU64,
+}
+
+#[derive(Clone)]
+struct App {
+    shared: Arc<Shared>,
+    metrics: Arc<Metrics>,
+    max_sessions: usize,
+}
+
+pub fn run(args: ServeArgs, config_path: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let (config, _) = Config::load(config_path)?;
+    let store = ModelStore::open_default()?;
+    let shared = Arc::new(load_shared(&config, &store, args.max_tokens)?);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(serve(shared, args))
+}
+
+fn load_shared(config: &Config, store: &ModelStore, max_tokens: usize) -> anyhow::Result<Shared> {
+    let whisper = crate::stages::load_whisper(config, store)?;
+    let options = DecodeOptions {
+        threads: config.asr.threads,
+        language: config.asr.language.clone(),
+        ..DecodeOptions::default()
+    };
+    let asr = AsrEngine::new(whisper, options, config.asr.max_concurrent_decodes);
+    // Probe once so a missing VAD model is reported at start, not per call.
+    drop(crate::stages::load_vad(config, store));
+    let vad_config = config.clone();
+    let vad_store = store.clone();
+    Ok(Shared {
+        asr,
+        streaming: config.streaming(),
+        vad: Box::new(move || crate::stages::load_vad(&vad_config, &vad_store)),
+        chat: crate::stages::load_chat_model(config, store)?,
+        voice: Arc::new(Mutex::new(crate::stages::load_voice(config, store)?)),
+        system_prompt: DEFAULT_SYSTEM_PROMPT.to_string(),
+        max_tokens,
+        turn: TurnConfig {
+            vad_threshold: config.vad.threshold,
+            ..TurnConfig::default()
+        },
+    })
+}
+
+async fn serve(shared: Arc<Shared>, args: ServeArgs) -> anyhow::Result<()> {
+    let app = App {
+        shared,
+        metrics: Arc::new(Metrics::default()),
+        max_sessions: args.max_sessions,
+    };
+    let router = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
+        .route("/ws", get(ws_upgrade))
+        .with_state(app);
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    println!("talkline serving on http://{addr} (WebSocket: ws://{addr}/ws)");
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await
+        .context("serving")
+}
+
+async fn metrics(State(app): State<App>) -> String {
+    let m = &app.metrics;
+    format!(
+        "# TYPE talkline_sessions_active gauge\ntalkline_sessions_active {}\n\
+         # TYPE talkline_sessions_total counter\ntalkline_sessions_total {}\n\
+         # TYPE talkline_sessions_rejected_total counter\ntalkline_sessions_rejected_total {}\n",
+        m.active.load(Ordering::Relaxed),
+        m.total.load(Ordering::Relaxed),
+        m.rejected.load(Ordering::Relaxed),
+    )
+}
+
+async fn ws_upgrade(State(app): State<App>, ws: WebSocketUpgrade) -> Response {
+    // Reserve a slot before upgrading, so a full server answers 503 rather than a dead socket.
+    let active = app.metrics.active.fetch_add(1, Ordering::AcqRel);
+    if active >= app.max_sessions {
+        app.metrics.active.fetch_sub(1, Ordering::AcqRel);
+        app.metrics.rejected.fetch_add(1, Ordering::Relaxed);
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many sessions; retry later\n",
+        )
+            .into_response();
+    }
+    app.metrics.total.fetch_add(1, Ordering::Relaxed);
+    ws.max_message_size(MAX_MESSAGE_BYTES)
+        .on_upgrade(move |socket| async move {
+            let id = app.metrics.total.load(Ordering::Relaxed);
+            if let Err(e) = handle_socket(socket, app.shared.clone(), id).await {
+                tracing::info!("session {id} ended: {e:#}");
+            }
+            app.metrics.active.fetch_sub(1, Ordering::AcqRel);
+        })
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum ClientMessage {
+    Hello { sample_rate: u32 },
+    Bye,
+}
+
+fn error_event(message: &str) -> WsMessage {
+    WsMessage::Text(
+        json!({"type": "error", "message": message})
+            .to_string()
+            .into(),
+    )
+}
+
+async fn handle_socket(mut socket: WebSocket, shared: Arc<Shared>, id: u64) -> anyhow::Result<()> {
+    // The hello fixes the audio rate both ways.
+    let rate = loop {
+        let msg = tokio::time::timeout(HELLO_TIMEOUT, socket.recv())
+            .await
+            .context("no hello within 5 s")?
+            .context("closed before hello")??;
+        match msg {
+            WsMessage::Text(text) => match serde_json::from_str::<ClientMessage>(&text) {
+                Ok(ClientMessage::Hello { sample_rate })
+                    if (8_000..=48_000).contains(&sample_rate) =>
+                {
+                    break sample_rate
+                }
+                Ok(ClientMessage::Hello { sample_rate }) => {
+                    socket
+                        .send(error_event(&format!(
+                            "sample_rate {sample_rate} is outside 8000-48000"
+                        )))
+                        .await?;
+                    return Ok(());
+                }
+                Ok(ClientMessage::Bye) => return Ok(()),
+                Err(e) => {
+                    socket
+                        .send(error_event(&format!("expected a hello message: {e}")))
+                        .await?
+                }
+            },
+            WsMessage::Close(_) => return Ok(()),
+            _ => {
+                socket
+                    .send(error_event("send a hello message first"))
+                    .await?
+            }
+        }
+    };
+    let (mut sink, mut stream) = socket.split();
+    sink.send(WsMessage::Text(
+        json!({"type": "ready", "sample_rate": rate})
+            .to_string()
+            .into(),
+    ))
+    .await?;
+
+    let (input_tx, input_rx) = mpsc::channel::<Vec<f32>>(INPUT_QUEUE);
+    let (output_tx, mut output_rx) = mpsc::channel::<SessionOutput>(session::OUTPUT_QUEUE);
+    let cancel = CancellationToken::new();
+    let session = tokio::spawn(session::run(
+        shared,
+        rate,
+        input_rx,
+        output_tx,
+        cancel.clone(),
+        format!("ws-{id}"),
+    ));
+    let writer = tokio::spawn(async move {
+        while let Some(out) = output_rx.recv().await {
+            let msg = match out {
+                SessionOutput::Audio(samples) => WsMessage::Binary(
+                    samples
+                        .iter()
+                        .flat_map(|s| ((s.clamp(-1.0, 1.0) * 32767.0) as i16).to_le_bytes())
+                        .collect::<Vec<u8>>()
+                        .into(),
+                ),
+                SessionOutput::Clear => {
+                    WsMessage::Text(json!({"type": "clear"}).to_string().into())
+                }
+                SessionOutput::Event(e) => WsMessage::Text(e.to_string().into()),
+            };
+            if sink.send(msg).await.is_err() {
+                break;
+            }
+        }
+        let _ = sink.close().await;
+    });
+
+    let mut resampler = To16k::new(rate)?;
+    let mut dropped = 0u64;
+    let mut errors = Vec::new();
+    while let Some(msg) = stream.next().await {
+        match msg {
+            Ok(WsMessage::Binary(bytes)) => {
+                if bytes.len() % 2 != 0 {
+                    errors.push("an audio frame had an odd number of bytes; it was ignored");
+                    continue;
+                }
+                let mut samples: Vec<f32> = bytes
+                    .chunks_exact(2)
+                    .map(|b| i16::from_le_bytes([b[0], b[1]]) as f32 / 32768.0)
+                    .collect();
+                talkline_asr::audio::sanitize(&mut samples);
+                let audio = resampler.push(&samples);
+                if !audio.is_empty() && input_tx.try_send(audio).is_err() {
+                    dropped += 1;
+                }
+            }
+            Ok(WsMessage::Text(text)) => match serde_json::from_str::<ClientMessage>(&text) {
+                Ok(ClientMessage::Bye) => break,
+                Ok(ClientMessage::Hello { .. }) => errors.push("hello was already received"),
+                Err(_) => errors.push("a text message was not a known JSON message"),
+            },
+            Ok(WsMessage::Close(_)) | Err(_) => break,
+            Ok(_) => {}
+        }
+        for e in errors.drain(..) {
+            tracing::info!(session = id, "bad client message: {e}");
+        }
+    }
+    if dropped > 0 {
+        tracing::warn!(
+            session = id,
+            dropped,
+            "input frames dropped: the session fell behind"
+        );
+    }
+    drop(input_tx);
+    cancel.cancel();
+    let result = session.await;
+    writer.abort();
+    match result {
+        Ok(r) => r,
+        Err(e) => Err(anyhow::anyhow!("session task failed: {e}")),
+    }
+}

@@ -1,0 +1,172 @@
+//! `talkline serve`: a WebSocket client talks to the real server binary on 127.0.0.1:0.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use talkline_tests::{espeak_16k, talkline_bin, wer};
+use tokio_tungstenite::tungstenite::Message;
+
+/// The server process; killed when dropped.
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_server(extra: &[&str]) -> Server {
+    let mut child = Command::new(talkline_bin())
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("talkline serve starts");
+    let stdout = child.stdout.take().unwrap();
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).unwrap();
+    let addr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_string();
+    Server { child, addr }
+}
+
+fn pcm16(samples: &[f32]) -> Vec<u8> {
+    samples
+        .iter()
+        .flat_map(|s| ((s.clamp(-1.0, 1.0) * 32767.0) as i16).to_le_bytes())
+        .collect()
+}
+
+#[test]
+fn a_websocket_caller_gets_a_transcript_a_spoken_reply_and_latencies() {
+    let server = start_server(&["--max-tokens", "24"]);
+    let question = "Is my hemoglobin normal?";
+    let mut audio = vec![0.0f32; 8_000];
+    audio.extend(espeak_16k(question));
+    audio.extend(vec![0.0f32; 16_000 * 6]);
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", server.addr))
+            .await
+            .expect("connects");
+        ws.send(Message::Text(
+            r#"{"type":"hello","sample_rate":16000}"#.into(),
+        ))
+        .await
+        .unwrap();
+        let (mut tx, mut rx) = ws.split();
+        // The caller speaks in real time, 20 ms a frame.
+        let sender = tokio::spawn(async move {
+            let start = Instant::now();
+            for (i, frame) in audio.chunks(320).enumerate() {
+                tokio::time::sleep_until((start + Duration::from_millis(20 * i as u64)).into())
+                    .await;
+                if tx.send(Message::Binary(pcm16(frame).into())).await.is_err() {
+                    break;
+                }
+            }
+            tx
+        });
+        let mut final_text = None;
+        let mut agent_samples = 0usize;
+        let mut agent_energy = 0f64;
+        let mut turn = None;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while turn.is_none() && Instant::now() < deadline {
+            let Ok(Some(Ok(msg))) = tokio::time::timeout(Duration::from_secs(20), rx.next()).await
+            else {
+                break;
+            };
+            match msg {
+                Message::Text(t) => {
+                    let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+                    match v["type"].as_str() {
+                        Some("final") => final_text = v["text"].as_str().map(str::to_owned),
+                        Some("turn") => turn = Some(v),
+                        _ => {}
+                    }
+                }
+                Message::Binary(b) => {
+                    assert_eq!(b.len(), 640, "20 ms frames of 16 kHz PCM16");
+                    for s in b.chunks_exact(2) {
+                        let x = i16::from_le_bytes([s[0], s[1]]) as f64 / 32768.0;
+                        agent_energy += x * x;
+                    }
+                    agent_samples += b.len() / 2;
+                }
+                _ => {}
+            }
+        }
+        let _ = sender.await;
+        let final_text = final_text.expect("a final transcript");
+        assert!(wer(question, &final_text) <= 0.25, "{final_text:?}");
+        assert!(
+            agent_samples > 16_000 / 2,
+            "only {agent_samples} samples of agent audio"
+        );
+        assert!(
+            (agent_energy / agent_samples as f64).sqrt() > 0.01,
+            "agent audio is silent"
+        );
+        let turn = turn.expect("a turn event");
+        assert!(
+            turn["voice_to_voice_ms"].as_f64().is_some_and(|v| v > 0.0),
+            "{turn}"
+        );
+        assert!(!turn["agent_text"].as_str().unwrap().is_empty(), "{turn}");
+    });
+}
+
+#[test]
+fn bad_hello_is_an_error_and_a_full_server_answers_503() {
+    let server = start_server(&["--max-sessions", "1"]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let url = format!("ws://{}/ws", server.addr);
+        let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+        ws.send(Message::Text("not json".into())).await.unwrap();
+        let reply = ws.next().await.unwrap().unwrap();
+        assert!(reply.to_text().unwrap().contains("\"error\""), "{reply:?}");
+        ws.send(Message::Text(
+            r#"{"type":"hello","sample_rate":1000000}"#.into(),
+        ))
+        .await
+        .unwrap();
+        let reply = ws.next().await.unwrap().unwrap();
+        assert!(reply.to_text().unwrap().contains("outside"), "{reply:?}");
+
+        // One session holds the only slot; the next caller is refused with 503.
+        let (mut first, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+        first
+            .send(Message::Text(
+                r#"{"type":"hello","sample_rate":8000}"#.into(),
+            ))
+            .await
+            .unwrap();
+        let ready = first.next().await.unwrap().unwrap();
+        assert!(ready.to_text().unwrap().contains("ready"));
+        let err = tokio_tungstenite::connect_async(&url).await.unwrap_err();
+        assert!(err.to_string().contains("503"), "{err}");
+        // Odd-length audio is ignored, not fatal.
+        first
+            .send(Message::Binary(vec![1u8, 2, 3].into()))
+            .await
+            .unwrap();
+        first
+            .send(Message::Text(r#"{"type":"bye"}"#.into()))
+            .await
+            .unwrap();
+    });
+}
