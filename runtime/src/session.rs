@@ -201,6 +201,7 @@ pub async fn run(
                     AsrEvent::SpeechEnded { at } => speech_end = Some(*at),
                     _ => {}
                 }
+                tracing::debug!(session = %name, now, ?event, "asr");
                 turns.on_asr(now, &event);
             }
             Some(msg) = reply_rx.recv() => {
@@ -257,6 +258,7 @@ pub async fn run(
         // Carry out what the turn manager decided.
         while let Some(action) = turns.poll_action() {
             let now = media_now(media_samples, last_audio);
+            tracing::debug!(session = %name, now, ?action, "turn action");
             match action {
                 TurnAction::StartReply {
                     reply,
