@@ -182,6 +182,88 @@ fn hparams_of(model: &Ct2Model) -> Result<WhisperHparams> {
     Ok(hp)
 }
 
+/// How one CTranslate2 module becomes whisper.cpp tensors.
+#[derive(Clone, Copy)]
+enum Map {
+    /// Layer norm: `gamma`/`beta` -> `weight`/`bias`.
+    Norm,
+    /// `weight` and `bias` copied.
+    Linear,
+    /// A fused projection split into these parts.
+    Fused(&'static [&'static str]),
+}
+
+/// (map, CTranslate2 name under the layer, whisper.cpp name under the block)
+type Layout = &'static [(Map, &'static str, &'static str)];
+
+const SELF_ATTENTION: Layout = &[
+    (Map::Norm, "self_attention/layer_norm", "attn_ln"),
+    (
+        Map::Fused(&["query", "key", "value"]),
+        "self_attention/linear_0",
+        "attn",
+    ),
+    (Map::Linear, "self_attention/linear_1", "attn.out"),
+];
+const CROSS_ATTENTION: Layout = &[
+    (Map::Norm, "attention/layer_norm", "cross_attn_ln"),
+    (Map::Linear, "attention/linear_0", "cross_attn.query"),
+    (
+        Map::Fused(&["key", "value"]),
+        "attention/linear_1",
+        "cross_attn",
+    ),
+    (Map::Linear, "attention/linear_2", "cross_attn.out"),
+];
+const FEED_FORWARD: Layout = &[
+    (Map::Norm, "ffn/layer_norm", "mlp_ln"),
+    (Map::Linear, "ffn/linear_0", "mlp.0"),
+    (Map::Linear, "ffn/linear_1", "mlp.2"),
+];
+
+type Push<'a> = dyn FnMut(String, Vec<usize>, Vec<f32>) + 'a;
+
+fn copy(model: &Ct2Model, push: &mut Push<'_>, src: &str, dst: &str) -> Result<()> {
+    let (shape, values) = floats(model, src)?;
+    push(dst.to_string(), shape, values);
+    Ok(())
+}
+
+fn apply(
+    model: &Ct2Model,
+    push: &mut Push<'_>,
+    src: &str,
+    dst: &str,
+    layout: Layout,
+    d: usize,
+) -> Result<()> {
+    for &(map, from, to) in layout {
+        let (from, to) = (format!("{src}/{from}"), format!("{dst}.{to}"));
+        match map {
+            Map::Norm => {
+                copy(
+                    model,
+                    push,
+                    &format!("{from}/gamma"),
+                    &format!("{to}.weight"),
+                )?;
+                copy(model, push, &format!("{from}/beta"), &format!("{to}.bias"))?;
+            }
+            Map::Linear => {
+                copy(
+                    model,
+                    push,
+                    &format!("{from}/weight"),
+                    &format!("{to}.weight"),
+                )?;
+                copy(model, push, &format!("{from}/bias"), &format!("{to}.bias"))?;
+            }
+            Map::Fused(parts) => split_fused(model, push, &from, &to, parts, d)?,
+        }
+    }
+    Ok(())
+}
+
 /// Builds the output tensors with whisper.cpp's (OpenAI's) names and storage types.
 fn map_tensors(
     model: &Ct2Model,
@@ -198,144 +280,65 @@ fn map_tensors(
             values,
         });
     };
-    // Copies `src` as `dst`, with layer-norm gamma/beta renamed to weight/bias.
-    let copy = |push: &mut dyn FnMut(String, Vec<usize>, Vec<f32>), src: &str, dst: &str| {
-        let (shape, values) = floats(model, src)?;
-        push(dst.to_string(), shape, values);
-        Result::Ok(())
-    };
-    let linear = |push: &mut dyn FnMut(String, Vec<usize>, Vec<f32>), src: &str, dst: &str| {
-        copy(push, &format!("{src}/weight"), &format!("{dst}.weight"))?;
-        copy(push, &format!("{src}/bias"), &format!("{dst}.bias"))
-    };
-    let norm = |push: &mut dyn FnMut(String, Vec<usize>, Vec<f32>), src: &str, dst: &str| {
-        copy(push, &format!("{src}/gamma"), &format!("{dst}.weight"))?;
-        copy(push, &format!("{src}/beta"), &format!("{dst}.bias"))
-    };
-
+    let p = &mut push;
     copy(
-        &mut push,
+        model,
+        p,
         "encoder/position_encodings/encodings",
         "encoder.positional_embedding",
     )?;
     for conv in ["conv1", "conv2"] {
         copy(
-            &mut push,
+            model,
+            p,
             &format!("encoder/{conv}/weight"),
             &format!("encoder.{conv}.weight"),
         )?;
         let (shape, bias) = floats(model, &format!("encoder/{conv}/bias"))?;
         // whisper.cpp adds the conv bias as a [n, 1] tensor.
-        push(format!("encoder.{conv}.bias"), vec![shape[0], 1], bias);
+        p(format!("encoder.{conv}.bias"), vec![shape[0], 1], bias);
     }
     for i in 0..hp.n_audio_layer {
         let (src, dst) = (format!("encoder/layer_{i}"), format!("encoder.blocks.{i}"));
-        norm(
-            &mut push,
-            &format!("{src}/self_attention/layer_norm"),
-            &format!("{dst}.attn_ln"),
-        )?;
-        split_fused(
-            model,
-            &mut push,
-            &format!("{src}/self_attention/linear_0"),
-            &format!("{dst}.attn"),
-            &["query", "key", "value"],
-            hp.n_audio_state,
-        )?;
-        linear(
-            &mut push,
-            &format!("{src}/self_attention/linear_1"),
-            &format!("{dst}.attn.out"),
-        )?;
-        norm(
-            &mut push,
-            &format!("{src}/ffn/layer_norm"),
-            &format!("{dst}.mlp_ln"),
-        )?;
-        linear(
-            &mut push,
-            &format!("{src}/ffn/linear_0"),
-            &format!("{dst}.mlp.0"),
-        )?;
-        linear(
-            &mut push,
-            &format!("{src}/ffn/linear_1"),
-            &format!("{dst}.mlp.2"),
-        )?;
+        for layout in [SELF_ATTENTION, FEED_FORWARD] {
+            apply(model, p, &src, &dst, layout, hp.n_audio_state)?;
+        }
     }
-    norm(&mut push, "encoder/layer_norm", "encoder.ln_post")?;
+    apply(
+        model,
+        p,
+        "encoder",
+        "encoder",
+        &[(Map::Norm, "layer_norm", "ln_post")],
+        0,
+    )?;
 
     copy(
-        &mut push,
+        model,
+        p,
         "decoder/position_encodings/encodings",
         "decoder.positional_embedding",
     )?;
     copy(
-        &mut push,
+        model,
+        p,
         "decoder/embeddings/weight",
         "decoder.token_embedding.weight",
     )?;
     for i in 0..hp.n_text_layer {
         let (src, dst) = (format!("decoder/layer_{i}"), format!("decoder.blocks.{i}"));
-        norm(
-            &mut push,
-            &format!("{src}/self_attention/layer_norm"),
-            &format!("{dst}.attn_ln"),
-        )?;
-        split_fused(
-            model,
-            &mut push,
-            &format!("{src}/self_attention/linear_0"),
-            &format!("{dst}.attn"),
-            &["query", "key", "value"],
-            hp.n_text_state,
-        )?;
-        linear(
-            &mut push,
-            &format!("{src}/self_attention/linear_1"),
-            &format!("{dst}.attn.out"),
-        )?;
-        norm(
-            &mut push,
-            &format!("{src}/attention/layer_norm"),
-            &format!("{dst}.cross_attn_ln"),
-        )?;
-        linear(
-            &mut push,
-            &format!("{src}/attention/linear_0"),
-            &format!("{dst}.cross_attn.query"),
-        )?;
-        split_fused(
-            model,
-            &mut push,
-            &format!("{src}/attention/linear_1"),
-            &format!("{dst}.cross_attn"),
-            &["key", "value"],
-            hp.n_text_state,
-        )?;
-        linear(
-            &mut push,
-            &format!("{src}/attention/linear_2"),
-            &format!("{dst}.cross_attn.out"),
-        )?;
-        norm(
-            &mut push,
-            &format!("{src}/ffn/layer_norm"),
-            &format!("{dst}.mlp_ln"),
-        )?;
-        linear(
-            &mut push,
-            &format!("{src}/ffn/linear_0"),
-            &format!("{dst}.mlp.0"),
-        )?;
-        linear(
-            &mut push,
-            &format!("{src}/ffn/linear_1"),
-            &format!("{dst}.mlp.2"),
-        )?;
+        for layout in [SELF_ATTENTION, CROSS_ATTENTION, FEED_FORWARD] {
+            apply(model, p, &src, &dst, layout, hp.n_text_state)?;
+        }
     }
-    norm(&mut push, "decoder/layer_norm", "decoder.ln")?;
+    apply(
+        model,
+        p,
+        "decoder",
+        "decoder",
+        &[(Map::Norm, "layer_norm", "ln")],
+        0,
+    )?;
     // `decoder/projection/weight` is an alias of the embeddings (tied output): nothing to write.
     if let Some(t) = out
         .iter()
@@ -355,7 +358,7 @@ fn map_tensors(
 /// Whisper's key projections have no bias; CTranslate2 stores zeros there, which we check.
 fn split_fused(
     model: &Ct2Model,
-    push: &mut dyn FnMut(String, Vec<usize>, Vec<f32>),
+    push: &mut Push<'_>,
     src: &str,
     dst: &str,
     parts: &[&str],
