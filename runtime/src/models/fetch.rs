@@ -75,21 +75,21 @@ impl ModelStore {
                 fs::create_dir_all(parent).map_err(io_err(parent))?;
             }
             match &file.source {
-                FileSource::Member(member) => {
+                FileSource::Member(_) | FileSource::Tree(_) => {
                     if wheel.is_none() {
                         wheel = Some(self.ensure_wheel(entry, pip, progress)?);
                     }
                     let (wheel_path, _) = wheel.as_ref().expect("set just above");
                     progress(format!("{}: extracting {}", entry.name, file.path));
-                    extract_member(wheel_path, member, &dest, &file.sha256)?;
-                }
-                FileSource::Tree(prefix) => {
-                    if wheel.is_none() {
-                        wheel = Some(self.ensure_wheel(entry, pip, progress)?);
+                    match &file.source {
+                        FileSource::Member(member) => {
+                            extract_member(wheel_path, member, &dest, &file.sha256)?
+                        }
+                        FileSource::Tree(prefix) => {
+                            extract_tree(wheel_path, prefix, &dest, &file.sha256)?
+                        }
+                        FileSource::Convert(_) => unreachable!("matched by the outer arm"),
                     }
-                    let (wheel_path, _) = wheel.as_ref().expect("set just above");
-                    progress(format!("{}: extracting {}/", entry.name, file.path));
-                    extract_tree(wheel_path, prefix, &dest, &file.sha256)?;
                 }
                 FileSource::Convert(conversion) => {
                     progress(format!("{}: converting to {}", entry.name, file.path));
