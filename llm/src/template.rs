@@ -106,7 +106,9 @@ impl ChatTemplate {
             });
         };
         let mut with_sentinel = messages.to_vec();
-        let content = format!("{}{SENTINEL}", last.content);
+        // Trailing whitespace goes: templates that `trim` would drop it in the closed rendering
+        // but keep it before the sentinel, and the two must share their prefix.
+        let content = format!("{}{SENTINEL}", last.content.trim_end());
         with_sentinel
             .last_mut()
             .expect("invariant: checked non-empty above")
