@@ -4,16 +4,12 @@ use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::Context;
 use talkline_llm::local::ms;
-use talkline_llm::remote::{OpenAiChatModel, OpenAiConfig};
-use talkline_llm::{
-    CancelToken, ChatModel, DraftSource, GenerateParams, LoadOptions, LocalChatModel, LocalConfig,
-    LocalModel, Message, ReplyStats, Sampling,
-};
+use talkline_llm::{CancelToken, GenerateParams, Message, ReplyStats, Sampling};
 
-use crate::config::{Config, LlmConfig};
+use crate::config::Config;
 use crate::models::ModelStore;
+use crate::stages::DraftChoice;
 
 /// `talkline chat` options.
 #[derive(Debug, clap::Args)]
@@ -50,65 +46,13 @@ pub struct ChatArgs {
 
 pub fn run(config_path: Option<&Path>, args: ChatArgs) -> anyhow::Result<()> {
     let (config, _) = Config::load(config_path)?;
-    let model: Box<dyn ChatModel> = match &config.llm {
-        LlmConfig::Local {
-            tokenizer, threads, ..
-        } => {
-            let store = ModelStore::open_default()?;
-            let path = config
-                .required_models(&store)
-                .into_iter()
-                .find(|m| m.what == "LLM model")
-                .map(|m| m.path)
-                .context("the configuration names no LLM model")?;
-            anyhow::ensure!(
-                path.is_file(),
-                "{} is missing: run `talkline models fetch --only smollm2-135m` or set [llm] model",
-                path.display()
-            );
-            let load = LoadOptions {
-                threads: args.threads.unwrap_or(*threads),
-                ..LoadOptions::default()
-            };
-            let model = LocalModel::load(&LocalConfig {
-                model: path.clone(),
-                tokenizer: tokenizer.clone(),
-                load: load.clone(),
-            })
-            .with_context(|| format!("loading {}", path.display()))?;
-            let draft = match (&args.draft, args.lookup) {
-                (Some(draft), _) => DraftSource::model(
-                    LocalModel::load(&LocalConfig {
-                        model: draft.clone(),
-                        tokenizer: None,
-                        load,
-                    })
-                    .with_context(|| format!("loading the draft {}", draft.display()))?,
-                ),
-                (None, true) => DraftSource::lookup(),
-                (None, false) => DraftSource::None,
-            };
-            Box::new(LocalChatModel { model, draft })
-        }
-        LlmConfig::Openai {
-            base_url,
-            model,
-            api_key_env,
-        } => {
-            anyhow::ensure!(
-                args.draft.is_none() && !args.lookup,
-                "--draft and --lookup need the local backend"
-            );
-            let mut c = OpenAiConfig::new(base_url.clone(), model.clone());
-            if let Some(var) = api_key_env {
-                c.api_key =
-                    Some(std::env::var(var).with_context(|| {
-                        format!("[llm] api_key_env names {var}, which is unset")
-                    })?);
-            }
-            Box::new(OpenAiChatModel::new(c))
-        }
+    let store = ModelStore::open_default()?;
+    let draft = match (&args.draft, args.lookup) {
+        (Some(draft), _) => DraftChoice::Model(draft.clone()),
+        (None, true) => DraftChoice::Lookup,
+        (None, false) => DraftChoice::None,
     };
+    let model = crate::stages::chat_model(&config, &store, args.threads, draft)?;
     eprintln!("talkline chat: {}", model.describe());
     let mut session = model.new_session()?;
     let mut messages: Vec<Message> = args.system.iter().map(Message::system).collect();
