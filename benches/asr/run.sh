@@ -26,10 +26,12 @@ sentences=(
 )
 clips=()
 for i in "${!sentences[@]}"; do
-  clip="$work/clip$i.wav"
+  clip="$work/trimmed$i.wav"
   if [ ! -f "$clip" ]; then
     espeak-ng -v en-us -w "$work/raw.wav" "${sentences[$i]}"
-    sox "$work/raw.wav" -r 16000 -c 1 -b 16 "$clip" pad 1.0 1.0
+    # Trim espeak's own silence so that the true end of speech is exactly 1.0 s before the end.
+    sox -D "$work/raw.wav" -r 16000 -c 1 -b 16 "$clip" silence 1 0.005 0.1% reverse \
+      silence 1 0.005 0.1% reverse pad 1.0 1.0
   fi
   clips+=("$clip")
 done
