@@ -53,30 +53,26 @@ fn three_sentences_transcribe_with_low_wer_and_one_final_each() {
     let reference = SENTENCES.join(" ");
     let hypothesis = finals.join(" ");
     let error = wer(&reference, &hypothesis);
-    assert!(error <= 0.15, "WER {error:.2}: {hypothesis:?}");
+    assert!(error <= 0.15, "WER {error:.2}: {hypothesis:?}\n{events:#?}");
 
     // Speech followed by silence: one SpeechEnded and exactly one Final per utterance, in order.
-    let mut open = 0;
-    let mut utterances = 0;
+    // (With slow decodes, the next utterance may start before the previous Final is out.)
+    let (mut started, mut ended, mut utterances) = (0, 0, 0);
     for e in &events {
         match e.event {
             AsrEvent::SpeechStarted { .. } => {
-                assert_eq!(open, 0, "speech started twice: {events:#?}");
-                open = 1;
+                assert_eq!(started, ended, "speech started twice: {events:#?}");
+                started += 1;
             }
-            AsrEvent::SpeechEnded { .. } => {
-                assert_eq!(open, 1);
-                open = 2;
-            }
+            AsrEvent::SpeechEnded { .. } => ended += 1,
             AsrEvent::Final { .. } => {
-                assert_eq!(open, 2, "a Final outside an ended utterance");
-                open = 0;
                 utterances += 1;
+                assert!(utterances <= ended, "a Final before its utterance ended");
             }
             AsrEvent::Partial { .. } | AsrEvent::Paused { .. } | AsrEvent::Resumed { .. } => {}
         }
     }
-    assert_eq!(open, 0);
+    assert_eq!((started, ended), (3, 3));
     assert_eq!(utterances, 3, "{finals:?}");
 }
 

@@ -153,6 +153,8 @@ struct Utterance {
     /// Wall time of the newest finished decode, and whether it started at a pause.
     latest_decode_ms: f64,
     latest_at_pause: bool,
+    /// Ended, and `latest` covers the audio up to the end: the Final can go out.
+    final_ready: bool,
 }
 
 impl Utterance {
@@ -196,8 +198,9 @@ pub struct StreamingRecognizer {
     next_utterance: u64,
     next_decode: u64,
     in_flight: Option<InFlight>,
-    /// An ended utterance still waiting for its final decode.
-    finishing: Option<Utterance>,
+    /// Ended utterances, oldest first, whose Finals are not out yet: a Final waits for its decode,
+    /// and Finals leave in utterance order.
+    finishing: VecDeque<Utterance>,
     events: VecDeque<AsrEvent>,
     dropped_partials: u64,
     now: f64,
@@ -216,7 +219,7 @@ impl StreamingRecognizer {
             next_utterance: 0,
             next_decode: 0,
             in_flight: None,
-            finishing: None,
+            finishing: VecDeque::new(),
             events: VecDeque::new(),
             dropped_partials: 0,
             now: 0.0,
@@ -234,7 +237,7 @@ impl StreamingRecognizer {
     /// Samples held for the current utterance (bounded by `max_window_s`).
     pub fn buffered_samples(&self) -> usize {
         self.utterance.as_ref().map_or(0, |u| u.buffer.len())
-            + self.finishing.as_ref().map_or(0, |u| u.buffer.len())
+            + self.finishing.iter().map(|u| u.buffer.len()).sum::<usize>()
             + self.pre_roll.len()
             + self.vad_pending.len()
     }
@@ -294,7 +297,8 @@ impl StreamingRecognizer {
             return None;
         }
         // A finishing utterance goes first: its Final is what the turn manager waits for.
-        let (purpose, utterance) = match (&mut self.finishing, &mut self.utterance) {
+        let waiting = self.finishing.iter_mut().find(|u| !u.final_ready);
+        let (purpose, utterance) = match (waiting, &mut self.utterance) {
             (Some(u), _) => (Purpose::Final, u),
             (None, Some(u)) if u.last_decode_requested.is_nan() => (Purpose::Partial, u),
             _ => return None,
@@ -342,12 +346,12 @@ impl StreamingRecognizer {
             })
             .collect();
 
-        if let Some(u) = self.finishing.as_mut().filter(|u| u.id == flight.utterance) {
+        if let Some(u) = self.finishing.iter_mut().find(|u| u.id == flight.utterance) {
             u.latest_decode_ms = decode_ms;
             u.latest_at_pause = flight.at_pause;
             u.latest = Some((flight.audio_end, words));
-            let u = self.finishing.take().expect("checked just above");
-            self.emit_final(u);
+            u.final_ready = true;
+            self.flush_finals();
             return;
         }
         let Some(u) = self.utterance.as_mut().filter(|u| u.id == flight.utterance) else {
@@ -408,6 +412,7 @@ impl StreamingRecognizer {
                     ended_at: None,
                     latest_decode_ms: 0.0,
                     latest_at_pause: false,
+                    final_ready: false,
                 });
                 self.next_utterance += 1;
                 self.push_event(AsrEvent::SpeechStarted { at });
@@ -434,21 +439,19 @@ impl StreamingRecognizer {
                     .as_ref()
                     .is_some_and(|f| f.utterance == u.id && f.audio_end >= pause_at);
                 if latest_covers_pause {
-                    self.emit_final(u);
+                    u.final_ready = true;
                 } else if in_flight_covers_pause {
                     // The pause decode is running: its result becomes the Final.
                     if let Some(f) = &mut self.in_flight {
                         f.purpose = Purpose::Final;
                     }
                     u.latest = None;
-                    self.finishing = Some(u);
-                } else {
-                    if self.in_flight.as_ref().is_some_and(|f| f.utterance == u.id) {
-                        // A stale partial is running; its result is ignored.
-                        self.in_flight = None;
-                    }
-                    self.finishing = Some(u);
+                } else if self.in_flight.as_ref().is_some_and(|f| f.utterance == u.id) {
+                    // A stale partial is running; its result is ignored.
+                    self.in_flight = None;
                 }
+                self.finishing.push_back(u);
+                self.flush_finals();
             }
         }
     }
@@ -460,6 +463,14 @@ impl StreamingRecognizer {
             if !u.last_decode_requested.is_nan() && self.now - u.last_decode_requested >= hop {
                 u.last_decode_requested = f64::NAN; // NaN marks "due"
             }
+        }
+    }
+
+    /// Emits the Finals that are ready, in utterance order.
+    fn flush_finals(&mut self) {
+        while self.finishing.front().is_some_and(|u| u.final_ready) {
+            let u = self.finishing.pop_front().expect("checked just above");
+            self.emit_final(u);
         }
     }
 
@@ -682,6 +693,7 @@ mod tests {
             ended_at: None,
             latest_decode_ms: 0.0,
             latest_at_pause: false,
+            final_ready: false,
         }
     }
 
@@ -721,6 +733,60 @@ mod tests {
         );
         agree(&mut u, &last, 0);
         assert_eq!(join_words(&u.committed), "Is my hemoglobin normal?");
+    }
+
+    /// Speech wherever the audio is loud: a VAD for scripted tests.
+    struct LoudnessVad;
+
+    impl SpeechProbability for LoudnessVad {
+        fn window_samples(&self) -> usize {
+            320
+        }
+        fn probability(&mut self, window: &[f32]) -> Result<f32> {
+            Ok(if window[0] > 0.5 { 0.9 } else { 0.0 })
+        }
+        fn reset(&mut self) {}
+        fn name(&self) -> &'static str {
+            "loudness"
+        }
+    }
+
+    #[test]
+    fn finals_survive_slow_decodes_and_leave_in_order() {
+        let mut r = StreamingRecognizer::new(StreamingConfig::default(), Box::new(LoudnessVad));
+        // Two utterances; decodes are so slow that none finishes before both have ended.
+        let mut audio = vec![0.0f32; 8_000];
+        audio.extend(vec![1.0f32; 16_000]);
+        audio.extend(vec![0.0f32; 8_000]);
+        audio.extend(vec![1.0f32; 16_000]);
+        audio.extend(vec![0.0f32; 16_000]);
+        let mut requests = Vec::new();
+        for (i, frame) in audio.chunks(320).enumerate() {
+            r.push_audio(i as f64 * 0.02, frame).unwrap();
+            requests.extend(r.poll_decode());
+        }
+        let mut finals = Vec::new();
+        let mut answered = 0;
+        while let Some(request) = requests.pop().or_else(|| r.poll_decode()) {
+            answered += 1;
+            assert!(answered < 20, "decodes never settle");
+            let hypothesis = Hypothesis {
+                words: vec![Word {
+                    text: "hello".into(),
+                    start: 0.0,
+                    end: 0.5,
+                }],
+                no_speech_probability: 0.0,
+            };
+            r.on_decode_result(request.id, Ok(hypothesis), 500.0);
+            while let Some(e) = r.poll_event() {
+                if let AsrEvent::Final { text, .. } = e {
+                    finals.push(text);
+                }
+            }
+        }
+        // Before the fix the second ended utterance replaced the first one still decoding.
+        assert_eq!(finals, vec!["hello", "hello"]);
     }
 
     #[test]
