@@ -9,6 +9,10 @@
 pub struct ChunkerConfig {
     /// The first chunk needs at least this many words ("Yes," alone waits for more).
     pub first_min_words: usize,
+    /// A first clause longer than this is cut after this many words, so the voice starts while
+    /// the LLM is still writing it (0: wait for the clause). Time to first audio matters more than
+    /// the prosody of one early cut.
+    pub first_max_words: usize,
     /// A chunk longer than this is cut at its last clause boundary, else at a space, so a run-on
     /// sentence (or 10 kB without punctuation) never becomes one huge model input.
     pub max_chars: usize,
@@ -18,6 +22,7 @@ impl Default for ChunkerConfig {
     fn default() -> Self {
         ChunkerConfig {
             first_min_words: 3,
+            first_max_words: 6,
             max_chars: 300,
         }
     }
@@ -115,6 +120,11 @@ impl ClauseChunker {
                 _ => last_clause = Some(end),
             }
         }
+        if first && self.config.first_max_words > 0 {
+            if let Some(end) = nth_word_end(&self.buf, self.config.first_max_words) {
+                return Some(end);
+            }
+        }
         if self.buf.len() > self.config.max_chars {
             if let Some(end) = last_clause {
                 return Some(end);
@@ -129,6 +139,26 @@ impl ClauseChunker {
         }
         None
     }
+}
+
+/// The end of the `n`-th word, once whitespace shows that word is complete.
+fn nth_word_end(s: &str, n: usize) -> Option<usize> {
+    let mut count = 0;
+    let mut in_word = false;
+    for (i, c) in s.char_indices() {
+        if c.is_whitespace() {
+            if in_word {
+                count += 1;
+                if count == n {
+                    return Some(i);
+                }
+            }
+            in_word = false;
+        } else {
+            in_word = true;
+        }
+    }
+    None
 }
 
 fn words(s: &str) -> usize {
@@ -249,8 +279,12 @@ mod tests {
     #[test]
     fn decimals_abbreviations_and_initials_do_not_split() {
         let text = "Dr. Lee says 4.5 g/dL is fine. J. Smith agrees with Dr. Lee e.g. here.";
+        let whole_clauses = ChunkerConfig {
+            first_max_words: 0,
+            ..ChunkerConfig::default()
+        };
         assert_eq!(
-            feed(&tokens(text), ChunkerConfig::default()),
+            feed(&tokens(text), whole_clauses),
             [
                 "Dr. Lee says 4.5 g/dL is fine.",
                 "J. Smith agrees with Dr. Lee e.g. here."
@@ -300,10 +334,28 @@ mod tests {
         );
         let config = ChunkerConfig {
             first_min_words: 3,
+            first_max_words: 0,
             max_chars: 250,
         };
         let chunks = feed(&[text.as_str()], config);
         assert_eq!(chunks[0], format!("{},", "a ".repeat(100).trim()));
+    }
+
+    #[test]
+    fn a_long_first_clause_is_cut_early_so_the_voice_starts_sooner() {
+        let text = "A high cholesterol number refers to a person's overall health, and more. Fine.";
+        assert_eq!(
+            feed(&tokens(text), ChunkerConfig::default()),
+            [
+                "A high cholesterol number refers to",
+                "a person's overall health, and more.",
+                "Fine.",
+            ]
+        );
+        // The cut waits until the sixth word is known to be whole.
+        let mut c = ClauseChunker::new(ChunkerConfig::default());
+        assert!(c.push("A high cholesterol number refers to").is_empty());
+        assert_eq!(c.push(" a")[0].text, "A high cholesterol number refers to");
     }
 
     #[test]
