@@ -96,8 +96,8 @@ def main():
     for k in rows:
         print(f"| {k} | {t[k]['p50']:.0f} / {t[k]['p95']:.0f} | {t[k]['p50'] / t['talkline']['p50']:.2f} "
               f"| {v[k]['p50']:.0f} / {v[k]['p95']:.0f} |")
-    print(f"\npartial update lag (newest audio -> partial) p50 {report['partial_decode_ms']['p50']:.0f} ms, "
-          f"p95 {report['partial_decode_ms']['p95']:.0f} ms; utterances: {report['utterances']}")
+    print(f"\npartial update lag (newest audio -> partial) p50 {report['partial_lag_ms']['p50']:.0f} ms, "
+          f"p95 {report['partial_lag_ms']['p95']:.0f} ms; utterances: {report['utterances']}")
     print("real-time factor (decode time / audio time): " +
           ", ".join(f"{k} {v:.3f}" for k, v in report["rtf"].items()))
 
