@@ -39,7 +39,7 @@ impl Default for TurnConfig {
         TurnConfig {
             speculate_after_pause_s: 0.15,
             min_end_delay_s: 0.0,
-            max_end_delay_s: 0.8,
+            max_end_delay_s: 0.5,
             end_of_utterance_threshold: 0.5,
             barge_in_min_speech_s: 0.3,
             vad_threshold: 0.5,
@@ -219,8 +219,13 @@ impl TurnManager {
                 tentative,
                 audio_end,
             } => {
-                let text = format!("{committed} {tentative}").trim().to_string();
-                self.latest_partial = Some((text, *audio_end));
+                // Only a stable transcript is worth speculating on: one the recognizer has fully
+                // committed. A tentative tail means it is still unsure, and a miss costs CPU the
+                // recognizer needs.
+                self.latest_partial = tentative
+                    .trim()
+                    .is_empty()
+                    .then(|| (committed.trim().to_string(), *audio_end));
                 self.try_speculate();
             }
             AsrEvent::Paused { at } => {
@@ -520,6 +525,23 @@ mod tests {
     }
 
     #[test]
+    fn an_unstable_partial_is_not_speculated_on() {
+        let mut t = TurnManager::new(TurnConfig::default());
+        t.on_asr(0.5, &AsrEvent::SpeechStarted { at: 0.4 });
+        t.on_asr(1.03, &AsrEvent::Paused { at: 1.0 });
+        t.on_asr(
+            1.1,
+            &AsrEvent::Partial {
+                committed: "Is my".into(),
+                tentative: "hemo".into(),
+                audio_end: 1.03,
+            },
+        );
+        tick(&mut t, 1.3);
+        assert!(drain(&mut t).is_empty());
+    }
+
+    #[test]
     fn a_different_final_replaces_the_speculation() {
         let mut t = TurnManager::new(TurnConfig::default());
         t.on_asr(0.5, &AsrEvent::SpeechStarted { at: 0.4 });
@@ -554,14 +576,14 @@ mod tests {
         drain(&mut t);
         assert_eq!(
             t.poll_timeout(),
-            Some(1.8),
+            Some(1.5),
             "max delay past the end of speech"
         );
         t.on_end_of_utterance(1.3, "I wanted to ask about", 0.1);
-        tick(&mut t, 1.79);
+        tick(&mut t, 1.49);
         assert!(drain(&mut t).is_empty());
         // The user goes on before the turn ends: one turn, both utterances.
-        t.on_asr(1.79, &AsrEvent::SpeechStarted { at: 1.7 });
+        t.on_asr(1.49, &AsrEvent::SpeechStarted { at: 1.45 });
         t.on_asr(2.6, &AsrEvent::SpeechEnded { at: 2.4 });
         t.on_asr(2.65, &final_("my potassium.", 2.4));
         tick(&mut t, 2.65);
