@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Voice-to-voice over the real WebSocket transport, on the Pipecat anchor's audio and end-of-speech
 # times (shared/anchors/pipecat: same espeak-ng questions, bit-identical WAV).
-# Usage: benches/v2v/run.sh [REPS]   (needs `talkline models fetch`)
+# Usage: benches/v2v/run.sh [REPS]   (needs `talkline models fetch`; PIPECAT=0 skips the peer)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
@@ -25,3 +25,11 @@ echo "server at $addr; load: $(cut -d' ' -f1-3 /proc/loadavg)"
 "$work/venv/bin/python" "$here/ws_v2v.py" "$addr" "$work/user_turns.wav" "$work/user_turns.json" \
   --reps "$reps" --out "$work/v2v.jsonl"
 echo "per-turn records: $work/v2v.jsonl"
+
+# The peer, in the same run: the Pipecat anchor (stock Pipecat 1.14 defaults, same audio and
+# models, llama-cpp-python server). Its first run builds a venv (llama-cpp-python from source).
+if [ "${PIPECAT:-1}" = 1 ]; then
+  kill $server 2>/dev/null || true
+  WORK="$work/pipecat" REPS="$reps" CONFIGS=default bash "$anchor/run.sh" > "$work/pipecat.log" 2>&1
+  grep -E "^\| default \| all" "$work"/pipecat/summary-*.md | tail -1 | sed 's/^/pipecat v2v (p50 \/ max): /'
+fi
