@@ -95,12 +95,21 @@ struct ReplyState {
     missed: bool,
 }
 
+/// A chunk of a reply as queued for output.
+struct QueuedChunk {
+    text: String,
+    /// (byte end of each word in `text`, samples into the chunk when it has been spoken)
+    word_ends: Vec<(usize, u64)>,
+    /// Samples into the reply where the chunk starts, and its length.
+    start: u64,
+    len: u64,
+}
+
 /// The reply being played: chunk texts with their word end positions, for "what was heard".
 struct Playing {
     reply: ReplyId,
     played: u64,
-    /// (text, word ends in samples from the reply's start, chunk start, chunk length)
-    chunks: Vec<(String, Vec<(usize, u64)>, u64, u64)>,
+    chunks: Vec<QueuedChunk>,
     queued: u64,
     first_out_at: f64,
 }
@@ -108,19 +117,23 @@ struct Playing {
 impl Playing {
     fn heard(&self) -> String {
         let mut words = Vec::new();
-        for (text, ends, start, len) in &self.chunks {
-            if self.played >= start + len {
-                words.push(text.trim().to_string());
+        for chunk in &self.chunks {
+            if self.played >= chunk.start + chunk.len {
+                words.push(chunk.text.trim().to_string());
                 continue;
             }
-            let mut last = 0;
-            for (byte_end, at) in ends {
-                if start + at <= self.played {
-                    last = *byte_end;
-                }
-            }
-            if last > 0 {
-                words.push(text[..last.min(text.len())].trim().to_string());
+            let heard_to = chunk
+                .word_ends
+                .iter()
+                .take_while(|(_, at)| chunk.start + at <= self.played)
+                .last()
+                .map_or(0, |(byte_end, _)| *byte_end);
+            if heard_to > 0 {
+                let end = (0..=heard_to.min(chunk.text.len()))
+                    .rev()
+                    .find(|&i| chunk.text.is_char_boundary(i))
+                    .unwrap_or(0);
+                words.push(chunk.text[..end].trim().to_string());
             }
             break;
         }
@@ -383,7 +396,12 @@ fn enqueue(
         return; // another reply holds the floor; this one was cancelled meanwhile
     }
     let len = chunk.samples.len() as u64;
-    p.chunks.push((chunk.text, chunk.word_ends, p.queued, len));
+    p.chunks.push(QueuedChunk {
+        text: chunk.text,
+        word_ends: chunk.word_ends,
+        start: p.queued,
+        len,
+    });
     p.queued += len;
     queue.extend(chunk.samples);
 }
@@ -506,5 +524,42 @@ fn spawn_reply(
         });
     if let Err(e) = spawned {
         tracing::error!("cannot start a reply thread: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn playing(played: u64) -> Playing {
+        Playing {
+            reply: 1,
+            played,
+            chunks: vec![
+                QueuedChunk {
+                    text: "Hello there.".into(),
+                    word_ends: vec![(5, 100), (12, 200)],
+                    start: 0,
+                    len: 220,
+                },
+                QueuedChunk {
+                    text: "How are you?".into(),
+                    word_ends: vec![(3, 50), (7, 120), (12, 200)],
+                    start: 220,
+                    len: 210,
+                },
+            ],
+            queued: 430,
+            first_out_at: 0.0,
+        }
+    }
+
+    #[test]
+    fn heard_text_stops_at_the_last_word_played_in_full() {
+        assert_eq!(playing(50).heard(), "");
+        assert_eq!(playing(150).heard(), "Hello");
+        assert_eq!(playing(220).heard(), "Hello there.");
+        assert_eq!(playing(350).heard(), "Hello there. How are");
+        assert_eq!(playing(430).heard(), "Hello there. How are you?");
     }
 }

@@ -43,11 +43,7 @@ pub fn run(args: TranscribeArgs, config_path: Option<&Path>) -> anyhow::Result<(
     for timed in events {
         match &timed.event {
             AsrEvent::SpeechEnded { .. } => speech_end_detected = Some(timed.media_time),
-            AsrEvent::Final { text, .. } if !args.json => {
-                if !text.is_empty() {
-                    println!("{text}");
-                }
-            }
+            AsrEvent::Final { text, .. } if !args.json && !text.is_empty() => println!("{text}"),
             AsrEvent::Partial {
                 committed,
                 tentative,
