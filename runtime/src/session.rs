@@ -185,6 +185,8 @@ pub async fn run(
     let mut speech_end: Option<f64> = None;
     let mut asr_final: Option<f64> = None;
     let mut missed = false;
+    // One background prefill at a time (see `prefill_while_speaking`).
+    let prefill_busy = Arc::new(std::sync::atomic::AtomicBool::new(false));
 
     let mut tick = tokio::time::interval(Duration::from_millis(20));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -215,6 +217,15 @@ pub async fn run(
                     _ => {}
                 }
                 tracing::debug!(session = %name, now, ?event, "asr");
+                match &event {
+                    AsrEvent::SpeechStarted { .. } => {
+                        prefill_while_speaking(&chat, &prefill_busy, &history, String::new());
+                    }
+                    AsrEvent::Partial { committed, .. } if !committed.is_empty() => {
+                        prefill_while_speaking(&chat, &prefill_busy, &history, committed.clone());
+                    }
+                    _ => {}
+                }
                 turns.on_asr(now, &event);
             }
             Some(msg) = reply_rx.recv() => {
@@ -376,6 +387,38 @@ pub async fn run(
     }
     asr.close();
     result
+}
+
+/// While the user speaks, runs the conversation so far and the committed words through the LLM
+/// on a background thread, so that at the end of the turn only the last words and the reply
+/// remain to compute (the cache keeps the longest common prefix). Skipped while a reply or another
+/// prefill holds the chat session: it is an optimisation, never a wait.
+fn prefill_while_speaking(
+    chat: &Arc<Mutex<Box<dyn ChatSession>>>,
+    busy: &Arc<std::sync::atomic::AtomicBool>,
+    history: &[Message],
+    user_so_far: String,
+) {
+    use std::sync::atomic::Ordering;
+    if busy.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let mut messages = history.to_vec();
+    messages.push(Message::user(user_so_far));
+    let (chat, busy_flag) = (chat.clone(), busy.clone());
+    let spawned = std::thread::Builder::new()
+        .name("prefill".into())
+        .spawn(move || {
+            if let Ok(mut session) = chat.try_lock() {
+                if let Err(e) = session.prefill(&messages) {
+                    tracing::debug!("prefill failed: {e}");
+                }
+            }
+            busy_flag.store(false, Ordering::Release);
+        });
+    if spawned.is_err() {
+        busy.store(false, Ordering::Release);
+    }
 }
 
 fn enqueue(
