@@ -60,6 +60,10 @@ pub enum SessionOutput {
 }
 
 enum ReplyMsg {
+    EndOfUtterance {
+        text: String,
+        probability: f32,
+    },
     FirstToken {
         reply: ReplyId,
         at: Instant,
@@ -248,6 +252,10 @@ pub async fn run(
                     ReplyMsg::Done { reply, text } => {
                         if let Some(r) = replies.get_mut(&reply) { r.done = true; r.generated = text; }
                     }
+                    ReplyMsg::EndOfUtterance { text, probability } => {
+                        tracing::debug!(session = %name, probability, "end-of-utterance probability");
+                        turns.on_end_of_utterance(now, &text, probability);
+                    }
                     ReplyMsg::Failed { reply, error } => {
                         tracing::warn!(reply, %error, "reply failed");
                         send(&output, SessionOutput::Event(json!({"type": "error", "message": "the agent could not answer"})), &mut dropped_frames);
@@ -357,16 +365,24 @@ pub async fn run(
                     send(&output, SessionOutput::Clear, &mut dropped_frames);
                 }
                 TurnAction::EstimateEndOfUtterance { text } => {
-                    // Cheap next to a reply (one forward pass of the new tokens); a busy chat
-                    // session (a reply running) simply skips the estimate.
+                    // One forward pass of the new tokens, on a thread: it waits for a prefill or a
+                    // cancelled reply to let go of the chat session, never the control loop.
                     let mut messages = history.clone();
                     messages.push(Message::user(text.clone()));
-                    let p = chat
-                        .try_lock()
-                        .ok()
-                        .and_then(|mut c| c.end_of_turn_probability(&messages).ok().flatten());
-                    if let Some(p) = p {
-                        turns.on_end_of_utterance(now, &text, p);
+                    let (chat, tx) = (chat.clone(), reply_tx.clone());
+                    let spawned = std::thread::Builder::new()
+                        .name("end-of-utterance".into())
+                        .spawn(move || {
+                            let p = chat.lock().ok().and_then(|mut c| {
+                                c.end_of_turn_probability(&messages).ok().flatten()
+                            });
+                            if let Some(probability) = p {
+                                let _ = tx
+                                    .blocking_send(ReplyMsg::EndOfUtterance { text, probability });
+                            }
+                        });
+                    if let Err(e) = spawned {
+                        tracing::warn!("cannot estimate the end of utterance: {e}");
                     }
                 }
                 TurnAction::SetVadThreshold { threshold } => {
