@@ -1,45 +1,10 @@
 //! `talkline serve`: a WebSocket client talks to the real server binary on 127.0.0.1:0.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use talkline_tests::{espeak_16k, talkline_bin, wer};
+use talkline_tests::{espeak_16k, start_server, wer};
 use tokio_tungstenite::tungstenite::Message;
-
-/// The server process; killed when dropped.
-struct Server {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_server(extra: &[&str]) -> Server {
-    let mut child = Command::new(talkline_bin())
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("talkline serve starts");
-    let stdout = child.stdout.take().unwrap();
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).unwrap();
-    let addr = line
-        .split("http://")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .to_string();
-    Server { child, addr }
-}
 
 fn pcm16(samples: &[f32]) -> Vec<u8> {
     samples

@@ -14,3 +14,4 @@ pub mod session;
 pub mod stages;
 pub mod transcribe;
 pub mod turn;
+pub mod twilio;

@@ -1,4 +1,5 @@
-//! `talkline serve`: HTTP with the WebSocket transport (`/ws`), `/healthz` and `/metrics`.
+//! `talkline serve`: HTTP with the WebSocket transports (`/ws`, and `/twilio` for Twilio Media
+//! Streams; see [`crate::twilio`]), `/healthz` and `/metrics`.
 //!
 //! WebSocket protocol: the client first sends `{"type":"hello","sample_rate":16000}` (8-48 kHz),
 //! then binary frames of mono PCM16 little-endian audio at that rate. The server sends binary
@@ -114,6 +115,7 @@ async fn serve(shared: Arc<Shared>, args: ServeArgs) -> anyhow::Result<()> {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .route("/ws", get(ws_upgrade))
+        .route("/twilio", get(twilio_upgrade))
         .with_state(app);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -141,6 +143,20 @@ async fn metrics(State(app): State<App>) -> String {
 }
 
 async fn ws_upgrade(State(app): State<App>, ws: WebSocketUpgrade) -> Response {
+    upgrade(app, ws, Transport::Pcm)
+}
+
+async fn twilio_upgrade(State(app): State<App>, ws: WebSocketUpgrade) -> Response {
+    upgrade(app, ws, Transport::Twilio)
+}
+
+#[derive(Clone, Copy)]
+enum Transport {
+    Pcm,
+    Twilio,
+}
+
+fn upgrade(app: App, ws: WebSocketUpgrade, transport: Transport) -> Response {
     // Reserve a slot before upgrading, so a full server answers 503 rather than a dead socket.
     let active = app.metrics.active.fetch_add(1, Ordering::AcqRel);
     if active >= app.max_sessions {
@@ -152,11 +168,15 @@ async fn ws_upgrade(State(app): State<App>, ws: WebSocketUpgrade) -> Response {
         )
             .into_response();
     }
-    app.metrics.total.fetch_add(1, Ordering::Relaxed);
+    let id = app.metrics.total.fetch_add(1, Ordering::Relaxed) + 1;
     ws.max_message_size(MAX_MESSAGE_BYTES)
         .on_upgrade(move |socket| async move {
-            let id = app.metrics.total.load(Ordering::Relaxed);
-            if let Err(e) = handle_socket(socket, app.shared.clone(), id).await {
+            let shared = app.shared.clone();
+            let result = match transport {
+                Transport::Pcm => handle_socket(socket, shared, id).await,
+                Transport::Twilio => crate::twilio::handle_socket(socket, shared, id).await,
+            };
+            if let Err(e) = result {
                 tracing::info!("session {id} ended: {e:#}");
             }
             app.metrics.active.fetch_sub(1, Ordering::AcqRel);

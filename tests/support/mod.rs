@@ -165,3 +165,38 @@ pub fn words(text: &str) -> Vec<String> {
         .filter(|w| !w.is_empty())
         .collect()
 }
+
+/// The server process; killed when dropped.
+pub struct Server {
+    child: std::process::Child,
+    /// host:port the server listens on.
+    pub addr: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `talkline serve` on 127.0.0.1:0 and waits for its address.
+pub fn start_server(extra: &[&str]) -> Server {
+    let mut child = Command::new(talkline_bin())
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .args(extra)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .expect("talkline serve starts");
+    let stdout = child.stdout.take().unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).unwrap();
+    let addr = line
+        .split("http://")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_string();
+    Server { child, addr }
+}

@@ -1,0 +1,218 @@
+//! The Twilio Media Streams-compatible WebSocket transport (`/twilio`), so telephony providers
+//! that speak it can bring phone calls: JSON `connected`/`start`/`media`/`mark`/`stop` events with
+//! base64 μ-law at 8 kHz in, `media`, `mark` and `clear` (on barge-in) out.
+
+use std::sync::Arc;
+
+use axum::extract::ws::{Message as WsMessage, WebSocket};
+use base64::Engine as _;
+use futures_util::{SinkExt, StreamExt};
+use serde::Deserialize;
+use serde_json::json;
+use talkline_asr::audio::To16k;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::session::{self, SessionOutput, Shared};
+
+/// Telephony audio: G.711 μ-law, 8 kHz mono.
+pub const RATE: u32 = 8_000;
+/// Audio waiting for the session, in messages. Policy when full: drop the newest and count it.
+const INPUT_QUEUE: usize = 100;
+
+#[derive(Deserialize)]
+#[serde(tag = "event", rename_all = "lowercase")]
+enum Inbound {
+    Connected,
+    Start { start: StartInfo },
+    Media { media: Media },
+    Mark,
+    Dtmf,
+    Stop,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StartInfo {
+    stream_sid: String,
+    #[serde(default)]
+    media_format: Option<MediaFormat>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct MediaFormat {
+    encoding: String,
+    sample_rate: u32,
+}
+
+#[derive(Deserialize)]
+struct Media {
+    payload: String,
+}
+
+// G.711 μ-law by hand: 20 lines of a fixed standard (ITU-T G.711) are simpler than a dependency.
+const MULAW_BIAS: i32 = 0x84;
+const MULAW_CLIP: i32 = 32_635;
+
+pub fn mulaw_decode(byte: u8) -> i16 {
+    let u = !byte;
+    let exponent = (u >> 4) & 0x07;
+    let mantissa = (u & 0x0F) as i32;
+    let magnitude = (((mantissa << 3) + MULAW_BIAS) << exponent) - MULAW_BIAS;
+    (if u & 0x80 != 0 { -magnitude } else { magnitude }) as i16
+}
+
+pub fn mulaw_encode(sample: i16) -> u8 {
+    let mut s = sample as i32;
+    let sign = if s < 0 {
+        s = -s;
+        0x80
+    } else {
+        0
+    };
+    s = s.min(MULAW_CLIP) + MULAW_BIAS;
+    let exponent = (7 - ((s as u32).leading_zeros() as i32 - 17)).clamp(0, 7);
+    let mantissa = (s >> (exponent + 3)) & 0x0F;
+    !(sign | (exponent << 4) as u8 | mantissa as u8)
+}
+
+fn text(value: serde_json::Value) -> WsMessage {
+    WsMessage::Text(value.to_string().into())
+}
+
+pub async fn handle_socket(
+    mut socket: WebSocket,
+    shared: Arc<Shared>,
+    id: u64,
+) -> anyhow::Result<()> {
+    // Wait for `start`: it names the stream that every outbound message must carry.
+    let stream_sid = loop {
+        let Some(msg) = socket.recv().await else {
+            return Ok(());
+        };
+        match msg? {
+            WsMessage::Text(t) => match serde_json::from_str::<Inbound>(&t) {
+                Ok(Inbound::Start { start }) => {
+                    if let Some(f) = &start.media_format {
+                        anyhow::ensure!(
+                            f.encoding == "audio/x-mulaw" && f.sample_rate == RATE,
+                            "unsupported media format {} at {} Hz (expected audio/x-mulaw at 8000)",
+                            f.encoding,
+                            f.sample_rate
+                        );
+                    }
+                    break start.stream_sid;
+                }
+                Ok(Inbound::Stop) => return Ok(()),
+                Ok(_) => {}
+                Err(e) => tracing::info!(session = id, "ignored a malformed message: {e}"),
+            },
+            WsMessage::Close(_) => return Ok(()),
+            _ => {}
+        }
+    };
+    let (mut sink, mut stream) = socket.split();
+    let (input_tx, input_rx) = mpsc::channel::<Vec<f32>>(INPUT_QUEUE);
+    let (output_tx, mut output_rx) = mpsc::channel::<SessionOutput>(session::OUTPUT_QUEUE);
+    let cancel = CancellationToken::new();
+    let session = tokio::spawn(session::run(
+        shared,
+        RATE,
+        input_rx,
+        output_tx,
+        cancel.clone(),
+        format!("twilio-{id}"),
+    ));
+    let sid = stream_sid.clone();
+    let writer = tokio::spawn(async move {
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let mut turn = 0u64;
+        while let Some(out) = output_rx.recv().await {
+            let msg = match out {
+                SessionOutput::Audio(samples) => {
+                    let bytes: Vec<u8> = samples
+                        .iter()
+                        .map(|s| mulaw_encode((s.clamp(-1.0, 1.0) * 32767.0) as i16))
+                        .collect();
+                    json!({"event": "media", "streamSid": sid, "media": {"payload": b64.encode(bytes)}})
+                }
+                SessionOutput::Clear => json!({"event": "clear", "streamSid": sid}),
+                SessionOutput::Event(e) if e["type"] == "turn" => {
+                    // A mark after each reply: the provider echoes it once the audio has played.
+                    turn += 1;
+                    json!({"event": "mark", "streamSid": sid, "mark": {"name": format!("turn-{turn}")}})
+                }
+                SessionOutput::Event(_) => continue,
+            };
+            if sink.send(text(msg)).await.is_err() {
+                break;
+            }
+        }
+        let _ = sink.close().await;
+    });
+
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut resampler = To16k::new(RATE)?;
+    let mut dropped = 0u64;
+    while let Some(msg) = stream.next().await {
+        let Ok(msg) = msg else { break };
+        let t = match msg {
+            WsMessage::Text(t) => t,
+            WsMessage::Close(_) => break,
+            _ => continue,
+        };
+        match serde_json::from_str::<Inbound>(&t) {
+            Ok(Inbound::Media { media }) => match b64.decode(media.payload.as_bytes()) {
+                Ok(bytes) => {
+                    let samples: Vec<f32> = bytes
+                        .iter()
+                        .map(|&b| mulaw_decode(b) as f32 / 32768.0)
+                        .collect();
+                    let audio = resampler.push(&samples);
+                    if !audio.is_empty() && input_tx.try_send(audio).is_err() {
+                        dropped += 1;
+                    }
+                }
+                Err(e) => tracing::info!(session = id, "ignored media with bad base64: {e}"),
+            },
+            Ok(Inbound::Stop) => break,
+            Ok(_) => {}
+            Err(e) => tracing::info!(session = id, "ignored a malformed message: {e}"),
+        }
+    }
+    if dropped > 0 {
+        tracing::warn!(
+            session = id,
+            dropped,
+            "input dropped: the session fell behind"
+        );
+    }
+    drop(input_tx);
+    cancel.cancel();
+    let result = session.await;
+    writer.abort();
+    result.map_err(|e| anyhow::anyhow!("session task failed: {e}"))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mulaw_round_trips_within_its_step_and_matches_g711_points() {
+        // Reference points of G.711 μ-law: silence, full scale, and sign.
+        assert_eq!(mulaw_encode(0), 0xFF);
+        assert_eq!(mulaw_decode(0xFF), 0);
+        assert_eq!(mulaw_encode(32_767), 0x80);
+        assert_eq!(mulaw_encode(-32_768), 0x00);
+        assert_eq!(mulaw_decode(0x80), 32_124);
+        assert_eq!(mulaw_decode(0x00), -32_124);
+        for s in (-32_768i32..=32_767).step_by(97) {
+            let back = mulaw_decode(mulaw_encode(s as i16)) as i32;
+            // The step grows with magnitude: about 1/16 of it, at least 8.
+            let tolerance = (s.abs() / 16).max(8) + 4;
+            assert!((back - s).abs() <= tolerance, "{s} -> {back}");
+        }
+    }
+}
