@@ -3,15 +3,8 @@
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use talkline_tests::{espeak_16k, start_server, wer};
+use talkline_tests::{espeak_16k, pcm16, start_server, wer};
 use tokio_tungstenite::tungstenite::Message;
-
-fn pcm16(samples: &[f32]) -> Vec<u8> {
-    samples
-        .iter()
-        .flat_map(|s| ((s.clamp(-1.0, 1.0) * 32767.0) as i16).to_le_bytes())
-        .collect()
-}
 
 #[test]
 fn a_websocket_caller_gets_a_transcript_a_spoken_reply_and_latencies() {

@@ -144,6 +144,14 @@ pub fn write_wav_16k(path: &Path, samples: &[f32]) {
     w.finalize().expect("WAV finalized");
 }
 
+/// f32 samples as little-endian PCM16 bytes (the WebSocket transport's format).
+pub fn pcm16(samples: &[f32]) -> Vec<u8> {
+    samples
+        .iter()
+        .flat_map(|s| ((s.clamp(-1.0, 1.0) * 32767.0) as i16).to_le_bytes())
+        .collect()
+}
+
 /// Reads a 16-bit PCM WAV as f32 in [-1, 1].
 pub fn read_wav_f32(path: &Path) -> Vec<f32> {
     let mut reader = hound::WavReader::open(path).expect("a readable WAV");
