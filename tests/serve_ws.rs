@@ -128,3 +128,64 @@ fn bad_hello_is_an_error_and_a_full_server_answers_503() {
             .unwrap();
     });
 }
+
+#[test]
+fn the_agent_greets_first_and_an_idle_call_is_ended() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("talkline.toml");
+    std::fs::write(
+        &config,
+        "[agent]\ngreeting = \"Hello, this is the clinic.\"\nidle_timeout_s = 3\n",
+    )
+    .unwrap();
+    let server = start_server(&["--config", config.to_str().unwrap()]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", server.addr))
+            .await
+            .unwrap();
+        ws.send(Message::Text(
+            r#"{"type":"hello","sample_rate":16000}"#.into(),
+        ))
+        .await
+        .unwrap();
+        // One frame of silence, then the caller says nothing at all.
+        ws.send(Message::Binary(pcm16(&[0.0; 320]).into()))
+            .await
+            .unwrap();
+        let (mut energy, mut samples, mut greeting, mut bye) = (0f64, 0usize, None, None);
+        let started = Instant::now();
+        while let Ok(Some(Ok(msg))) = tokio::time::timeout(Duration::from_secs(20), ws.next()).await
+        {
+            match msg {
+                Message::Binary(b) => {
+                    for s in b.chunks_exact(2) {
+                        let x = i16::from_le_bytes([s[0], s[1]]) as f64 / 32768.0;
+                        energy += x * x;
+                    }
+                    samples += b.len() / 2;
+                }
+                Message::Text(t) => {
+                    let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+                    match v["type"].as_str() {
+                        Some("turn") => greeting = v["agent_text"].as_str().map(str::to_owned),
+                        Some("bye") => {
+                            bye = Some(started.elapsed());
+                            break;
+                        }
+                        _ => {}
+                    }
+                }
+                _ => {}
+            }
+        }
+        assert!(samples > 16_000 / 2, "{samples} samples of greeting");
+        assert!(
+            (energy / samples as f64).sqrt() > 0.01,
+            "the greeting is silent"
+        );
+        assert_eq!(greeting.as_deref(), Some("Hello, this is the clinic."));
+        let bye = bye.expect("the idle call is ended");
+        assert!(bye >= Duration::from_secs(3), "ended after {bye:?}");
+    });
+}

@@ -20,6 +20,31 @@ pub struct Config {
     pub llm: LlmConfig,
     pub tts: TtsConfig,
     pub onnxruntime: OnnxRuntimeConfig,
+    pub agent: AgentConfig,
+}
+
+/// The agent a caller talks to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    pub system_prompt: String,
+    /// Spoken first when a call connects (none: the agent waits for the caller).
+    pub greeting: Option<String>,
+    /// Most tokens in one reply.
+    pub max_reply_tokens: usize,
+    /// A call with no audio from the caller for this long is ended.
+    pub idle_timeout_s: f64,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            system_prompt: crate::converse::DEFAULT_SYSTEM_PROMPT.to_string(),
+            greeting: None,
+            max_reply_tokens: 60,
+            idle_timeout_s: 60.0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -28,7 +28,6 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::converse::DEFAULT_SYSTEM_PROMPT;
 use crate::models::ModelStore;
 use crate::session::{self, SessionOutput, Shared};
 use crate::turn::TurnConfig;
@@ -41,9 +40,9 @@ pub struct ServeArgs {
     /// Concurrent sessions; more are refused with 503.
     #[arg(long, default_value_t = 4)]
     pub max_sessions: usize,
-    /// Most tokens in one reply.
-    #[arg(long, default_value_t = 60)]
-    pub max_tokens: usize,
+    /// Most tokens in one reply. Default: `[agent] max_reply_tokens`.
+    #[arg(long)]
+    pub max_tokens: Option<usize>,
 }
 
 /// Largest WebSocket message accepted: 1 s of 48 kHz PCM16 is 96 kB.
@@ -69,7 +68,8 @@ struct App {
 pub fn run(args: ServeArgs, config_path: Option<&std::path::Path>) -> anyhow::Result<()> {
     let (config, _) = Config::load(config_path)?;
     let store = ModelStore::open_default()?;
-    let shared = Arc::new(load_shared(&config, &store, args.max_tokens)?);
+    let max_tokens = args.max_tokens.unwrap_or(config.agent.max_reply_tokens);
+    let shared = Arc::new(load_shared(&config, &store, max_tokens)?);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -96,7 +96,13 @@ fn load_shared(config: &Config, store: &ModelStore, max_tokens: usize) -> anyhow
         vad: Box::new(move || crate::stages::load_vad(&vad_config, &vad_store)),
         chat: crate::stages::load_chat_model(config, store)?,
         voice: Arc::new(Mutex::new(crate::stages::load_voice(config, store)?)),
-        system_prompt: DEFAULT_SYSTEM_PROMPT.to_string(),
+        system_prompt: config.agent.system_prompt.clone(),
+        greeting: config
+            .agent
+            .greeting
+            .clone()
+            .filter(|g| !g.trim().is_empty()),
+        idle_timeout: std::time::Duration::from_secs_f64(config.agent.idle_timeout_s.max(1.0)),
         max_tokens,
         turn: TurnConfig {
             vad_threshold: config.vad.threshold,

@@ -45,6 +45,10 @@ pub struct Shared {
     pub chat: Arc<dyn ChatModel>,
     pub voice: Arc<Mutex<PiperVoice>>,
     pub system_prompt: String,
+    /// Spoken first, before the caller says anything.
+    pub greeting: Option<String>,
+    /// No audio from the caller for this long ends the session.
+    pub idle_timeout: Duration,
     pub max_tokens: usize,
     pub turn: TurnConfig,
 }
@@ -166,8 +170,35 @@ pub async fn run(
     let chat: Arc<Mutex<Box<dyn ChatSession>>> = Arc::new(Mutex::new(shared.chat.new_session()?));
     let (reply_tx, mut reply_rx) = mpsc::channel(REPLY_QUEUE);
     let mut turns = TurnManager::new(shared.turn.clone());
+    let mut replies_seed: Vec<(ReplyId, String)> = Vec::new();
     let mut history = vec![Message::system(shared.system_prompt.clone())];
+    if let Some(greeting) = &shared.greeting {
+        // The greeting is an agent turn like any reply: it can be barged in on.
+        let reply = turns.greet();
+        replies_seed.push((reply, greeting.clone()));
+    }
     let mut replies: HashMap<ReplyId, ReplyState> = HashMap::new();
+    for (reply, text) in replies_seed.drain(..) {
+        replies.insert(
+            reply,
+            ReplyState {
+                cancel: CancelToken::new(),
+                user_text: String::new(),
+                speculative: false,
+                committed: true,
+                held: Vec::new(),
+                done: false,
+                generated: String::new(),
+                started_at: 0.0,
+                first_token_at: None,
+                first_audio_at: None,
+                speech_end: None,
+                asr_final: None,
+                missed: false,
+            },
+        );
+        spawn_speech(reply, shared.clone(), text, out_rate, reply_tx.clone());
+    }
     let mut queue: VecDeque<f32> = VecDeque::new();
     let mut playing: Option<Playing> = None;
     let frame = (out_rate as f64 * FRAME_S) as usize;
@@ -264,6 +295,10 @@ pub async fn run(
                 }
             }
             _ = tick.tick() => {
+                if last_audio.elapsed() > shared.idle_timeout && playing.is_none() {
+                    send(&output, SessionOutput::Event(json!({"type": "bye", "reason": "idle"})), &mut dropped_frames);
+                    break Ok(());
+                }
                 let now = media_now(media_samples, last_audio);
                 asr.tick(now);
                 while let Some(deadline) = turns.poll_timeout().filter(|t| *t <= now) {
@@ -483,7 +518,9 @@ fn finish_reply(
     } else {
         r.generated.trim().to_string()
     };
-    history.push(Message::user(r.user_text.clone()));
+    if !r.user_text.is_empty() {
+        history.push(Message::user(r.user_text.clone()));
+    }
     history.push(Message::assistant(heard.clone()));
     let end = r.speech_end.unwrap_or(r.started_at);
     let ms = |t: Option<f64>| t.map(|t| (t - end) * 1000.0);
@@ -501,6 +538,51 @@ fn finish_reply(
         "interrupted": interrupted,
         "session_uptime_ms": started.elapsed().as_secs_f64() * 1000.0,
     })));
+}
+
+/// Speaks a fixed text (the greeting): the TTS stream alone, no LLM.
+fn spawn_speech(
+    reply: ReplyId,
+    shared: Arc<Shared>,
+    text: String,
+    out_rate: u32,
+    tx: mpsc::Sender<ReplyMsg>,
+) {
+    let spawned = std::thread::Builder::new()
+        .name(format!("speech-{reply}"))
+        .spawn(move || {
+            let result = (|| -> anyhow::Result<()> {
+                let config = StreamConfig {
+                    output_rate: Some(out_rate),
+                    ..StreamConfig::default()
+                };
+                let (mut text_in, mut audio_out) = stream::start(shared.voice.clone(), config)?;
+                text_in.push(&text)?;
+                text_in.finish()?;
+                while let Some(chunk) = audio_out.recv() {
+                    match chunk {
+                        Ok(chunk) => {
+                            if tx.blocking_send(ReplyMsg::Audio { reply, chunk }).is_err() {
+                                break;
+                            }
+                        }
+                        Err(e) => tracing::warn!("a chunk failed to synthesize: {e}"),
+                    }
+                }
+                Ok(())
+            })();
+            let msg = match result {
+                Ok(()) => ReplyMsg::Done { reply, text },
+                Err(e) => ReplyMsg::Failed {
+                    reply,
+                    error: format!("{e:#}"),
+                },
+            };
+            let _ = tx.blocking_send(msg);
+        });
+    if let Err(e) = spawned {
+        tracing::error!("cannot start the greeting thread: {e}");
+    }
 }
 
 fn spawn_reply(

@@ -275,6 +275,16 @@ impl TurnManager {
         }
     }
 
+    /// The agent speaks first (a greeting): an agent turn the caller can barge in on.
+    pub fn greet(&mut self) -> ReplyId {
+        let reply = self.new_reply();
+        self.phase = Phase::Replying {
+            reply,
+            audio_playing: false,
+        };
+        reply
+    }
+
     /// The output began playing the reply's audio.
     pub fn on_agent_audio_started(&mut self, reply: ReplyId) {
         if let Phase::Replying {
