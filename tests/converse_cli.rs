@@ -129,3 +129,25 @@ fn barge_in_stops_the_agent_within_a_frame_and_keeps_only_heard_words() {
     let generated_words: Vec<&str> = generated.split_whitespace().collect();
     assert_eq!(heard_words[..], generated_words[..heard_words.len()]);
 }
+
+#[test]
+fn realtime_mode_runs_the_live_session_path() {
+    let mut input = vec![0.0f32; 8_000];
+    input.extend(espeak_16k("Is my hemoglobin normal?"));
+    let question_end = input.len();
+    input.extend(vec![0.0; 16_000]);
+    let dir = tempfile::tempdir().unwrap();
+    let (events, agent) = converse(&input, dir.path(), &["--realtime", "--max-tokens", "16"]);
+    assert_eq!(events.len(), 1, "{events:#?}");
+    assert!(
+        wer(
+            "Is my hemoglobin normal?",
+            events[0]["user_text"].as_str().unwrap()
+        ) <= 0.25
+    );
+    assert!(
+        rms(&agent[..question_end]) < 1e-4,
+        "the agent spoke over the question"
+    );
+    assert!(rms(&agent[question_end..]) > 0.01, "no audible reply");
+}

@@ -46,6 +46,10 @@ pub struct ConverseArgs {
     /// Most tokens in one reply.
     #[arg(long, default_value_t = 60)]
     pub max_tokens: usize,
+    /// Run the live session in real time instead (the path `talkline serve` uses): the input
+    /// is fed at its own pace and the agent's frames are placed where they arrive.
+    #[arg(long)]
+    pub realtime: bool,
 }
 
 const FRAME: usize = SAMPLE_RATE as usize / 50;
@@ -88,6 +92,9 @@ pub fn run(args: ConverseArgs, config_path: Option<&Path>) -> anyhow::Result<()>
     let (config, _) = Config::load(config_path)?;
     let store = ModelStore::open_default()?;
     let user_audio = talkline_asr::audio::read_wav_16k(&args.input)?;
+    if args.realtime {
+        return run_realtime(&args, &config, &store, user_audio);
+    }
     let whisper = crate::stages::load_whisper(&config, &store)?;
     let mut asr_session = whisper.session()?;
     let vad = crate::stages::load_vad(&config, &store);
@@ -407,6 +414,86 @@ fn generate(
         asr_final: None,
         missed: false,
     })
+}
+
+/// Silence fed after the input so the last reply can play out.
+const REALTIME_TAIL_S: f64 = 10.0;
+
+fn run_realtime(
+    args: &ConverseArgs,
+    config: &Config,
+    store: &ModelStore,
+    user_audio: Vec<f32>,
+) -> anyhow::Result<()> {
+    use crate::session::{self, SessionOutput};
+    let mut shared = crate::serve::load_shared(config, store, args.max_tokens)?;
+    shared.system_prompt = args.system.clone();
+    let shared = Arc::new(shared);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let (agent_track, rows) = runtime.block_on(async move {
+        let (in_tx, in_rx) = tokio::sync::mpsc::channel::<Vec<f32>>(100);
+        let (out_tx, mut out_rx) = tokio::sync::mpsc::channel(session::OUTPUT_QUEUE);
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(session::run(
+            shared,
+            SAMPLE_RATE,
+            in_rx,
+            out_tx,
+            cancel,
+            "converse".into(),
+        ));
+        let start = Instant::now();
+        let mut audio = user_audio;
+        audio.resize(
+            audio.len() + (REALTIME_TAIL_S * SAMPLE_RATE as f64) as usize,
+            0.0,
+        );
+        let feeder = tokio::spawn(async move {
+            for (i, frame) in audio.chunks(FRAME).enumerate() {
+                let due = start + std::time::Duration::from_millis(20 * i as u64);
+                tokio::time::sleep_until(due.into()).await;
+                if in_tx.send(frame.to_vec()).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let mut agent_track: Vec<f32> = Vec::new();
+        let mut rows = Vec::new();
+        while let Some(out) = out_rx.recv().await {
+            match out {
+                SessionOutput::Audio(frame) => {
+                    // Placed where it arrived, as a listener would hear it.
+                    let at = (start.elapsed().as_secs_f64() * SAMPLE_RATE as f64) as usize;
+                    let at = at.max(agent_track.len().saturating_sub(FRAME));
+                    agent_track.resize(at, 0.0);
+                    agent_track.extend(frame);
+                }
+                SessionOutput::Event(e) if e["type"] == "turn" => rows.push(e),
+                _ => {}
+            }
+        }
+        let _ = feeder.await;
+        match task.await {
+            Ok(result) => result.map(|()| (agent_track, rows)),
+            Err(e) => Err(anyhow::anyhow!("the session failed: {e}")),
+        }
+    })?;
+    let user_audio = talkline_asr::audio::read_wav_16k(&args.input)?;
+    write_stereo(&args.output, &user_audio, &agent_track)?;
+    if let Some(path) = &args.events {
+        let mut out = std::io::BufWriter::new(
+            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?,
+        );
+        for row in &rows {
+            writeln!(out, "{row}")?;
+        }
+    }
+    print_table(&rows);
+    Ok(())
 }
 
 fn write_stereo(path: &Path, user: &[f32], agent: &[f32]) -> anyhow::Result<()> {

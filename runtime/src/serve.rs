@@ -78,7 +78,12 @@ pub fn run(args: ServeArgs, config_path: Option<&std::path::Path>) -> anyhow::Re
     runtime.block_on(serve(shared, args))
 }
 
-fn load_shared(config: &Config, store: &ModelStore, max_tokens: usize) -> anyhow::Result<Shared> {
+/// Loads every model a live session needs, once.
+pub fn load_shared(
+    config: &Config,
+    store: &ModelStore,
+    max_tokens: usize,
+) -> anyhow::Result<Shared> {
     let whisper = crate::stages::load_whisper(config, store)?;
     let options = DecodeOptions {
         threads: config.asr.threads,
