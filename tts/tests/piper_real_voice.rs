@@ -83,21 +83,37 @@ fn synthesized_sentence_is_transcribed_back_by_whisper() {
     );
 }
 
-/// Numbers and units are spoken right: Whisper writes digits back ("13.2 grams"), so both sides
-/// are compared after normalisation.
+/// Numbers and units are spoken right: every measurement must come back word for word. Whisper
+/// writes digits back ("13.2 grams"), so both sides are compared after normalisation. The rest of
+/// the sentence only has to be intelligible: tiny.en sometimes mishears a rare word like
+/// "hemoglobin" in Piper's (randomly noised) speech, which says nothing about the numbers.
 #[test]
 fn lab_results_are_spoken_intelligibly() {
     let (mut voice, whisper) = (common::joe(), whisper());
-    for text in [
-        "Your hemoglobin is 13.2 g/dL, which is normal.",
-        "Your blood pressure was 120/80 today.",
-        "Your glucose is 95 mg/dL and your potassium is 4.1 mmol/L.",
+    for (text, measurements) in [
+        (
+            "Your hemoglobin is 13.2 g/dL, which is normal.",
+            &["13.2 g/dL"][..],
+        ),
+        ("Your blood pressure was 120/80 today.", &["120/80"]),
+        (
+            "Your glucose is 95 mg/dL and your potassium is 4.1 mmol/L.",
+            &["95 mg/dL", "4.1 mmol/L"],
+        ),
     ] {
         let heard = round_trip(&mut voice, &whisper, text);
+        let heard_words = common::words(&normalize(&heard).spoken);
+        for measurement in measurements {
+            let expected = common::words(&normalize(measurement).spoken);
+            assert!(
+                heard_words.windows(expected.len()).any(|w| w == expected),
+                "{measurement:?} (spoken {expected:?}) not heard back: said {text:?}, Whisper heard {heard:?}"
+            );
+        }
         let wer = common::wer(&normalize(text).spoken, &normalize(&heard).spoken);
         eprintln!("WER {wer:.2}; said {text:?}, Whisper heard {heard:?}");
         assert!(
-            wer <= 0.2,
+            wer <= 0.4,
             "WER {wer:.2}: said {text:?}, Whisper heard {heard:?}"
         );
     }
