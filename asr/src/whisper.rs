@@ -197,7 +197,40 @@ impl WhisperSession {
                 push_piece(&mut hypothesis.words, &piece, t0, t1);
             }
         }
+        cut_repetition_loop(&mut hypothesis.words);
         Ok(hypothesis)
+    }
+}
+
+/// Whisper on a short window can fall into a loop ("What? What? What?", "Is it normal? Is it
+/// normal? Is it") and repeat itself until the token budget ends. People repeat themselves too,
+/// but not a phrase of three words or more twice back to back, nor a word or two three times
+/// running; from the first such repeat on, the words are cut.
+fn cut_repetition_loop(words: &mut Vec<Word>) {
+    let keys: Vec<String> = words
+        .iter()
+        .map(|w| {
+            w.text
+                .chars()
+                .filter(|c| c.is_alphanumeric())
+                .flat_map(char::to_lowercase)
+                .collect()
+        })
+        .collect();
+    let n = keys.len();
+    for start in 0..n {
+        for period in 1..=(n - start) / 2 {
+            let copies_to_cut = if period >= 3 { 1 } else { 2 };
+            let phrase = &keys[start..start + period];
+            let copies = keys[start + period..]
+                .chunks_exact(period)
+                .take_while(|next| *next == phrase)
+                .count();
+            if copies >= copies_to_cut {
+                words.truncate(start + period);
+                return;
+            }
+        }
     }
 }
 
@@ -254,6 +287,36 @@ mod tests {
         assert_eq!(join_words(&words), "Hello, world");
         assert_eq!((words[0].start, words[0].end), (0.0, 0.3));
         assert_eq!(words[1].start, 0.4);
+    }
+
+    fn words_of(text: &str) -> Vec<Word> {
+        text.split_whitespace()
+            .map(|w| Word {
+                text: w.to_string(),
+                start: 0.0,
+                end: 0.0,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn repetition_loops_are_cut_after_the_first_pass() {
+        for (decoded, kept) in [
+            (
+                "What is a normal blood pressure? What is a normal blood pressure? What is a",
+                "What is a normal blood pressure?",
+            ),
+            ("What? What? What?", "What?"),
+            ("Is it, is it high", "Is it, is it high"),
+            ("no no no no", "no"),
+            ("I said no, no.", "I said no, no."),
+            ("the test the test the test results", "the test"),
+            ("", ""),
+        ] {
+            let mut words = words_of(decoded);
+            cut_repetition_loop(&mut words);
+            assert_eq!(join_words(&words), kept, "{decoded:?}");
+        }
     }
 
     #[test]

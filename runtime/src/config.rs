@@ -21,6 +21,30 @@ pub struct Config {
     pub tts: TtsConfig,
     pub onnxruntime: OnnxRuntimeConfig,
     pub agent: AgentConfig,
+    pub webrtc: WebRtcConfig,
+}
+
+/// WebRTC transport: how peers reach this server.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebRtcConfig {
+    /// STUN/TURN servers offered to ICE (none: host candidates only, enough on a LAN).
+    pub ice_servers: Vec<IceServer>,
+    /// Public addresses to announce in place of the host's own (a server behind 1:1 NAT).
+    pub public_ips: Vec<String>,
+    /// UDP ports for media, `[min, max]` (none: any free port), so a firewall can open a range.
+    pub udp_port_range: Option<[u16; 2]>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IceServer {
+    /// `stun:host:port` or `turn:host:port?transport=udp`.
+    pub urls: Vec<String>,
+    #[serde(default)]
+    pub username: String,
+    #[serde(default)]
+    pub credential: String,
 }
 
 /// The agent a caller talks to.

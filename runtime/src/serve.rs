@@ -1,5 +1,6 @@
-//! `talkline serve`: HTTP with the WebSocket transports (`/ws`, and `/twilio` for Twilio Media
-//! Streams; see [`crate::twilio`]), `/healthz` and `/metrics`.
+//! `talkline serve`: HTTP with the browser demo at `/`, WebRTC signaling (`POST /webrtc/offer`,
+//! `DELETE /webrtc/session/{id}`; see [`crate::webrtc`]), the WebSocket transports (`/ws`, and
+//! `/twilio` for Twilio Media Streams; see [`crate::twilio`]), `/healthz` and `/metrics`.
 //!
 //! WebSocket protocol: the client first sends `{"type":"hello","sample_rate":16000}` (8-48 kHz),
 //! then binary frames of mono PCM16 little-endian audio at that rate. The server sends binary
@@ -13,10 +14,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
-use axum::extract::State;
-use axum::http::StatusCode;
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{delete, get, post};
 use axum::Router;
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
@@ -31,6 +32,7 @@ use crate::config::Config;
 use crate::models::ModelStore;
 use crate::session::{self, SessionOutput, Shared};
 use crate::turn::TurnConfig;
+use crate::webrtc::{OfferError, WebRtcHub};
 
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
@@ -63,6 +65,33 @@ struct App {
     shared: Arc<Shared>,
     metrics: Arc<Metrics>,
     max_sessions: usize,
+    webrtc: Arc<WebRtcHub>,
+}
+
+impl App {
+    /// Takes a session slot and numbers the session; `None` when the server is full.
+    fn reserve(&self) -> Option<u64> {
+        let active = self.metrics.active.fetch_add(1, Ordering::AcqRel);
+        if active >= self.max_sessions {
+            self.metrics.active.fetch_sub(1, Ordering::AcqRel);
+            self.metrics.rejected.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(self.metrics.total.fetch_add(1, Ordering::Relaxed) + 1)
+    }
+
+    fn release(&self) {
+        self.metrics.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn server_full() -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        [(header::RETRY_AFTER, "5")],
+        "too many sessions; retry later\n",
+    )
+        .into_response()
 }
 
 pub fn run(args: ServeArgs, config_path: Option<&std::path::Path>) -> anyhow::Result<()> {
@@ -70,12 +99,16 @@ pub fn run(args: ServeArgs, config_path: Option<&std::path::Path>) -> anyhow::Re
     let store = ModelStore::open_default()?;
     let max_tokens = args.max_tokens.unwrap_or(config.agent.max_reply_tokens);
     let shared = Arc::new(load_shared(&config, &store, max_tokens)?);
+    let webrtc = config.webrtc.clone();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(serve(shared, args))
+    runtime.block_on(async {
+        let webrtc = Arc::new(WebRtcHub::new(&webrtc)?);
+        serve(shared, webrtc, args).await
+    })
 }
 
 /// Loads every model a live session needs, once.
@@ -116,13 +149,19 @@ pub fn load_shared(
     })
 }
 
-async fn serve(shared: Arc<Shared>, args: ServeArgs) -> anyhow::Result<()> {
+async fn serve(shared: Arc<Shared>, webrtc: Arc<WebRtcHub>, args: ServeArgs) -> anyhow::Result<()> {
     let app = App {
         shared,
         metrics: Arc::new(Metrics::default()),
         max_sessions: args.max_sessions,
+        webrtc,
     };
     let router = Router::new()
+        .route("/", get(demo_page))
+        .route("/app.js", get(demo_script))
+        .route("/style.css", get(demo_style))
+        .route("/webrtc/offer", post(webrtc_offer))
+        .route("/webrtc/session/{id}", delete(webrtc_hang_up))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .route("/ws", get(ws_upgrade))
@@ -132,7 +171,9 @@ async fn serve(shared: Arc<Shared>, args: ServeArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     let addr = listener.local_addr()?;
-    println!("talkline serving on http://{addr} (WebSocket: ws://{addr}/ws)");
+    println!(
+        "talkline serving on http://{addr} (open it in a browser and press Call; WebSocket: ws://{addr}/ws)"
+    );
     axum::serve(listener, router)
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;
@@ -167,19 +208,74 @@ enum Transport {
     Twilio,
 }
 
+// The demo is compiled in, so `talkline serve` works offline and from any directory.
+async fn demo_page() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        include_str!("../../web-demo/index.html"),
+    )
+}
+
+async fn demo_script() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/javascript; charset=utf-8")],
+        include_str!("../../web-demo/app.js"),
+    )
+}
+
+async fn demo_style() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/css; charset=utf-8")],
+        include_str!("../../web-demo/style.css"),
+    )
+}
+
+/// WHIP-style: the body is the SDP offer; the answer comes back as `application/sdp` with the
+/// call's URL in `Location`.
+async fn webrtc_offer(State(app): State<App>, offer: String) -> Response {
+    let Some(id) = app.reserve() else {
+        return server_full();
+    };
+    let release = app.clone();
+    let answered = app
+        .webrtc
+        .answer(offer, app.shared.clone(), id, move || release.release())
+        .await;
+    match answered {
+        Ok(answer) => (
+            StatusCode::CREATED,
+            [
+                (header::CONTENT_TYPE, "application/sdp".to_string()),
+                (header::LOCATION, format!("/webrtc/session/{id}")),
+            ],
+            answer,
+        )
+            .into_response(),
+        Err(e) => {
+            app.release();
+            let status = match e {
+                OfferError::BadOffer(_) => StatusCode::BAD_REQUEST,
+                OfferError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            tracing::info!("WebRTC offer refused: {e:#}");
+            (status, format!("{e}\n")).into_response()
+        }
+    }
+}
+
+async fn webrtc_hang_up(State(app): State<App>, Path(id): Path<u64>) -> StatusCode {
+    if app.webrtc.hang_up(id) {
+        StatusCode::OK
+    } else {
+        StatusCode::NOT_FOUND
+    }
+}
+
 fn upgrade(app: App, ws: WebSocketUpgrade, transport: Transport) -> Response {
     // Reserve a slot before upgrading, so a full server answers 503 rather than a dead socket.
-    let active = app.metrics.active.fetch_add(1, Ordering::AcqRel);
-    if active >= app.max_sessions {
-        app.metrics.active.fetch_sub(1, Ordering::AcqRel);
-        app.metrics.rejected.fetch_add(1, Ordering::Relaxed);
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "too many sessions; retry later\n",
-        )
-            .into_response();
-    }
-    let id = app.metrics.total.fetch_add(1, Ordering::Relaxed) + 1;
+    let Some(id) = app.reserve() else {
+        return server_full();
+    };
     ws.max_message_size(MAX_MESSAGE_BYTES)
         .on_upgrade(move |socket| async move {
             let shared = app.shared.clone();
@@ -190,7 +286,7 @@ fn upgrade(app: App, ws: WebSocketUpgrade, transport: Transport) -> Response {
             if let Err(e) = result {
                 tracing::info!("session {id} ended: {e:#}");
             }
-            app.metrics.active.fetch_sub(1, Ordering::AcqRel);
+            app.release();
         })
 }
 
