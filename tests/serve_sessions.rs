@@ -93,7 +93,10 @@ fn four_concurrent_callers_each_hear_their_own_transcript_and_nothing_outlives_t
         let f = f.as_deref().unwrap_or_else(|| panic!("no final for {q:?}"));
         assert!(wer(q, f) <= 0.35, "{q:?} heard as {f:?}");
     }
-    assert_eq!(metric(&server.addr, "talkline_sessions_total"), 4.0);
+    assert_eq!(
+        metric(&server.addr, "talkline_sessions_total{transport=\"websocket\"}"),
+        4.0
+    );
     // Teardown: sessions end with their sockets, and their threads with them.
     let deadline = Instant::now() + Duration::from_secs(20);
     while metric(&server.addr, "talkline_sessions_active") > 0.0 && Instant::now() < deadline {

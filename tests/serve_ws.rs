@@ -84,7 +84,29 @@ fn a_websocket_caller_gets_a_transcript_a_spoken_reply_and_latencies() {
             "{turn}"
         );
         assert!(!turn["agent_text"].as_str().unwrap().is_empty(), "{turn}");
+
+        // The turn is in the per-stage histograms on /metrics.
+        let metrics = http_get(&server.addr, "/metrics").await;
+        for stage in ["asr_final", "llm_first_token", "tts_first_audio", "voice_to_voice"] {
+            let count = format!("talkline_stage_latency_seconds_count{{stage=\"{stage}\"}} 1");
+            assert!(metrics.contains(&count), "{count:?} missing from\n{metrics}");
+        }
+        assert!(
+            metrics.contains("talkline_turns_total{speculative="),
+            "{metrics}"
+        );
     });
+}
+
+/// A plain HTTP/1.1 GET; the body with its headers.
+async fn http_get(addr: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    response
 }
 
 #[test]

@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod converse;
 pub mod jitter;
+pub mod metrics;
 pub mod models;
 pub mod onnx;
 pub mod say;

@@ -8,7 +8,7 @@
 //! `final`, `turn` (texts and latencies), `clear` (drop queued audio: barge-in) and `error`.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -29,6 +29,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::metrics;
 use crate::models::ModelStore;
 use crate::session::{self, SessionOutput, Shared};
 use crate::turn::TurnConfig;
@@ -53,35 +54,29 @@ const MAX_MESSAGE_BYTES: usize = 256 * 1024;
 const INPUT_QUEUE: usize = 100;
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 
-#[derive(Default)]
-struct Metrics {
-    active: AtomicUsize,
-    total: AtomicU64,
-    rejected: AtomicU64,
-}
-
 #[derive(Clone)]
 struct App {
     shared: Arc<Shared>,
-    metrics: Arc<Metrics>,
     max_sessions: usize,
+    next_id: Arc<AtomicU64>,
     webrtc: Arc<WebRtcHub>,
 }
 
 impl App {
     /// Takes a session slot and numbers the session; `None` when the server is full.
-    fn reserve(&self) -> Option<u64> {
-        let active = self.metrics.active.fetch_add(1, Ordering::AcqRel);
-        if active >= self.max_sessions {
-            self.metrics.active.fetch_sub(1, Ordering::AcqRel);
-            self.metrics.rejected.fetch_add(1, Ordering::Relaxed);
+    fn reserve(&self, transport: metrics::Transport) -> Option<u64> {
+        if !self
+            .shared
+            .metrics
+            .try_start_session(transport, self.max_sessions)
+        {
             return None;
         }
-        Some(self.metrics.total.fetch_add(1, Ordering::Relaxed) + 1)
+        Some(self.next_id.fetch_add(1, Ordering::Relaxed) + 1)
     }
 
     fn release(&self) {
-        self.metrics.active.fetch_sub(1, Ordering::AcqRel);
+        self.shared.metrics.end_session();
     }
 }
 
@@ -134,6 +129,7 @@ pub fn load_shared(
         vad: Box::new(move || crate::stages::load_vad(&vad_config, &vad_store)),
         chat: crate::stages::load_chat_model(config, store)?,
         voice: Arc::new(Mutex::new(crate::stages::load_voice(config, store)?)),
+        metrics: Arc::new(metrics::Metrics::new()),
         system_prompt: config.agent.system_prompt.clone(),
         greeting: config
             .agent
@@ -149,11 +145,15 @@ pub fn load_shared(
     })
 }
 
-async fn serve(shared: Arc<Shared>, webrtc: Arc<WebRtcHub>, args: ServeArgs) -> anyhow::Result<()> {
+async fn serve(
+    shared: Arc<Shared>,
+    webrtc: Arc<WebRtcHub>,
+    args: ServeArgs,
+) -> anyhow::Result<()> {
     let app = App {
         shared,
-        metrics: Arc::new(Metrics::default()),
         max_sessions: args.max_sessions,
+        next_id: Arc::new(AtomicU64::new(0)),
         webrtc,
     };
     let router = Router::new()
@@ -182,15 +182,10 @@ async fn serve(shared: Arc<Shared>, webrtc: Arc<WebRtcHub>, args: ServeArgs) -> 
         .context("serving")
 }
 
-async fn metrics(State(app): State<App>) -> String {
-    let m = &app.metrics;
-    format!(
-        "# TYPE talkline_sessions_active gauge\ntalkline_sessions_active {}\n\
-         # TYPE talkline_sessions_total counter\ntalkline_sessions_total {}\n\
-         # TYPE talkline_sessions_rejected_total counter\ntalkline_sessions_rejected_total {}\n",
-        m.active.load(Ordering::Relaxed),
-        m.total.load(Ordering::Relaxed),
-        m.rejected.load(Ordering::Relaxed),
+async fn metrics(State(app): State<App>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
+        app.shared.metrics.encode(),
     )
 }
 
@@ -233,7 +228,7 @@ async fn demo_style() -> impl IntoResponse {
 /// WHIP-style: the body is the SDP offer; the answer comes back as `application/sdp` with the
 /// call's URL in `Location`.
 async fn webrtc_offer(State(app): State<App>, offer: String) -> Response {
-    let Some(id) = app.reserve() else {
+    let Some(id) = app.reserve(metrics::Transport::webrtc) else {
         return server_full();
     };
     let release = app.clone();
@@ -273,7 +268,11 @@ async fn webrtc_hang_up(State(app): State<App>, Path(id): Path<u64>) -> StatusCo
 
 fn upgrade(app: App, ws: WebSocketUpgrade, transport: Transport) -> Response {
     // Reserve a slot before upgrading, so a full server answers 503 rather than a dead socket.
-    let Some(id) = app.reserve() else {
+    let kind = match transport {
+        Transport::Pcm => metrics::Transport::websocket,
+        Transport::Twilio => metrics::Transport::twilio,
+    };
+    let Some(id) = app.reserve(kind) else {
         return server_full();
     };
     ws.max_message_size(MAX_MESSAGE_BYTES)

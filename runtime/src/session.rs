@@ -22,7 +22,9 @@ use talkline_tts::stream::{self, StreamConfig};
 use talkline_tts::PiperVoice;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
+use crate::metrics::{Speculation, TurnLatencies};
 use crate::turn::{CancelReason, ReplyId, TurnAction, TurnConfig, TurnManager};
 
 /// ASR events waiting for the control loop. Policy when full: drop the event (a newer partial
@@ -44,6 +46,8 @@ pub struct Shared {
     pub vad: Box<dyn Fn() -> Box<dyn SpeechProbability> + Send + Sync>,
     pub chat: Arc<dyn ChatModel>,
     pub voice: Arc<Mutex<PiperVoice>>,
+    /// Process-wide counters and latency histograms (`/metrics`).
+    pub metrics: Arc<crate::metrics::Metrics>,
     pub system_prompt: String,
     /// Spoken first, before the caller says anything.
     pub greeting: Option<String>,
@@ -150,7 +154,23 @@ impl Playing {
 }
 
 /// Runs one session until the input ends or `cancel` fires. `input` carries 16 kHz mono audio.
+/// Everything it logs, on any thread, is inside a `session` span; each reply inside a `reply`
+/// span with `llm` and `tts` spans under it.
 pub async fn run(
+    shared: Arc<Shared>,
+    out_rate: u32,
+    input: mpsc::Receiver<Vec<f32>>,
+    output: mpsc::Sender<SessionOutput>,
+    cancel: CancellationToken,
+    name: String,
+) -> anyhow::Result<()> {
+    let span = tracing::info_span!("session", session = %name);
+    run_session(shared, out_rate, input, output, cancel, name)
+        .instrument(span)
+        .await
+}
+
+async fn run_session(
     shared: Arc<Shared>,
     out_rate: u32,
     mut input: mpsc::Receiver<Vec<f32>>,
@@ -289,6 +309,7 @@ pub async fn run(
                     }
                     ReplyMsg::Failed { reply, error } => {
                         tracing::warn!(reply, %error, "reply failed");
+                        shared.metrics.reply_failed();
                         send(&output, SessionOutput::Event(json!({"type": "error", "message": "the agent could not answer"})), &mut dropped_frames);
                         if let Some(r) = replies.get_mut(&reply) { r.done = true; }
                     }
@@ -318,7 +339,7 @@ pub async fn run(
                 });
                 if finished {
                     let p = playing.take().expect("checked just above");
-                    finish_reply(&mut turns, &mut replies, &mut history, &p, false, &output, started);
+                    finish_reply(&mut turns, &mut replies, &mut history, &p, false, &output, started, &shared.metrics);
                 }
             }
         }
@@ -390,6 +411,7 @@ pub async fn run(
                             reason == CancelReason::BargeIn,
                             &output,
                             started,
+                            &shared.metrics,
                         );
                     } else {
                         replies.remove(&reply);
@@ -431,6 +453,7 @@ pub async fn run(
         r.cancel.cancel();
     }
     if dropped_frames > 0 {
+        shared.metrics.audio_frames_dropped(dropped_frames);
         tracing::warn!(
             dropped_frames,
             "output frames dropped: the client read too slowly"
@@ -508,6 +531,7 @@ fn finish_reply(
     interrupted: bool,
     output: &mpsc::Sender<SessionOutput>,
     started: Instant,
+    metrics: &crate::metrics::Metrics,
 ) {
     turns.on_agent_audio_finished(p.reply);
     let Some(r) = replies.remove(&p.reply) else {
@@ -524,6 +548,27 @@ fn finish_reply(
     history.push(Message::assistant(heard.clone()));
     let end = r.speech_end.unwrap_or(r.started_at);
     let ms = |t: Option<f64>| t.map(|t| (t - end) * 1000.0);
+    let speculation = if r.speculative {
+        Speculation::hit
+    } else if r.missed {
+        Speculation::miss
+    } else {
+        Speculation::none
+    };
+    // The greeting answers nobody: it has no user turn to time.
+    if !r.user_text.is_empty() {
+        let seconds = |t: Option<f64>| t.map(|t| t - end);
+        metrics.observe_turn(
+            TurnLatencies {
+                asr_final: seconds(r.asr_final),
+                llm_first_token: seconds(r.first_token_at),
+                tts_first_audio: seconds(r.first_audio_at),
+                voice_to_voice: Some(p.first_out_at - end),
+            },
+            speculation,
+            interrupted,
+        );
+    }
     let _ = output.try_send(SessionOutput::Event(json!({
         "type": "turn",
         "user_text": r.user_text,
@@ -534,7 +579,7 @@ fn finish_reply(
         "tts_first_audio_ms": ms(r.first_audio_at),
         "first_audio_out_ms": p.first_out_at * 1000.0,
         "voice_to_voice_ms": (p.first_out_at - end) * 1000.0,
-        "speculative": if r.speculative { "hit" } else if r.missed { "miss" } else { "none" },
+        "speculative": format!("{speculation:?}"),
         "interrupted": interrupted,
         "session_uptime_ms": started.elapsed().as_secs_f64() * 1000.0,
     })));
@@ -594,9 +639,11 @@ fn spawn_reply(
     cancel: CancelToken,
     tx: mpsc::Sender<ReplyMsg>,
 ) {
+    let span = tracing::info_span!("reply", reply);
     let spawned = std::thread::Builder::new()
         .name(format!("reply-{reply}"))
         .spawn(move || {
+            let _reply = span.enter();
             let result = (|| -> anyhow::Result<String> {
                 let config = StreamConfig {
                     output_rate: Some(out_rate),
@@ -605,9 +652,11 @@ fn spawn_reply(
                 let (mut text_in, mut audio_out) = stream::start(shared.voice.clone(), config)?;
                 let audio_tx = tx.clone();
                 let audio_cancel = cancel.clone();
+                let tts_span = tracing::info_span!("tts");
                 let collector = std::thread::Builder::new()
                     .name(format!("reply-{reply}-audio"))
                     .spawn(move || {
+                        let _tts = tts_span.enter();
                         while let Some(chunk) = audio_out.recv() {
                             if audio_cancel.is_cancelled() {
                                 break; // dropping audio_out stops synthesis
@@ -630,6 +679,7 @@ fn spawn_reply(
                     sampling: Sampling::Greedy,
                 };
                 let mut first = true;
+                let _llm = tracing::info_span!("llm").entered();
                 let mut chat = chat
                     .lock()
                     .map_err(|_| anyhow::anyhow!("the chat session is poisoned"))?;
@@ -646,6 +696,7 @@ fn spawn_reply(
                     }
                 })?;
                 drop(chat);
+                drop(_llm);
                 if !cancel.is_cancelled() {
                     let _ = text_in.finish();
                 } else {
