@@ -25,7 +25,13 @@ use talkline_asr::streaming::AsrEvent;
 #[derive(Debug, Clone)]
 pub struct TurnConfig {
     pub speculate_after_pause_s: f64,
+    /// Silence after a turn that sounds finished (final punctuation) before the agent answers.
     pub min_end_delay_s: f64,
+    /// Silence after an unpunctuated turn that could be complete ("is my hemoglobin normal"):
+    /// Whisper often leaves the final mark off, and the LLM's end-of-utterance estimate leans on
+    /// punctuation, so this is the common case and must not pay the full wait.
+    pub unsure_end_delay_s: f64,
+    /// Silence after a turn that sounds cut off ("I wanted to ask about", "and", a comma).
     pub max_end_delay_s: f64,
     /// End-of-utterance probability at or above which the turn ends without waiting.
     pub end_of_utterance_threshold: f32,
@@ -39,6 +45,7 @@ impl Default for TurnConfig {
         TurnConfig {
             speculate_after_pause_s: 0.15,
             min_end_delay_s: 0.0,
+            unsure_end_delay_s: 0.2,
             max_end_delay_s: 0.5,
             end_of_utterance_threshold: 0.5,
             barge_in_min_speech_s: 0.3,
@@ -146,8 +153,43 @@ fn normalize(text: &str) -> String {
         .join(" ")
 }
 
-fn sounds_finished(text: &str) -> bool {
-    text.trim_end().ends_with(['.', '?', '!'])
+/// How finished a turn sounds from its text alone.
+#[derive(Debug, PartialEq, Eq)]
+enum Completeness {
+    Finished,
+    Unsure,
+    CutOff,
+}
+
+/// Words English sentences do not end on: articles, possessives, prepositions, conjunctions,
+/// auxiliaries and fillers. A turn ending on one is a speaker drawing breath.
+const NON_FINAL_WORDS: &[&str] = &[
+    "a", "an", "the", "my", "your", "his", "her", "our", "their", "its", "to", "of", "for",
+    "with", "about", "in", "on", "at", "from", "by", "into", "than", "and", "or", "but", "so",
+    "because", "if", "that", "which", "who", "when", "is", "are", "was", "were", "be", "am",
+    "do", "does", "did", "have", "has", "can", "could", "would", "should", "will", "um", "uh",
+    "er", "like",
+];
+
+fn completeness(text: &str) -> Completeness {
+    let text = text.trim_end();
+    if text.ends_with(['.', '?', '!']) {
+        return Completeness::Finished;
+    }
+    if text.is_empty() || text.ends_with([',', ';', ':', '-']) {
+        return Completeness::CutOff;
+    }
+    let last = text
+        .rsplit(char::is_whitespace)
+        .next()
+        .unwrap_or("")
+        .trim_matches(|c: char| !c.is_alphanumeric())
+        .to_lowercase();
+    if NON_FINAL_WORDS.contains(&last.as_str()) {
+        Completeness::CutOff
+    } else {
+        Completeness::Unsure
+    }
 }
 
 impl TurnManager {
@@ -252,10 +294,10 @@ impl TurnManager {
                 self.turn_text.push(text.trim().to_string());
                 let turn = self.turn_text.join(" ");
                 let end = self.speech_end.unwrap_or(now);
-                let delay = if sounds_finished(&turn) {
-                    self.config.min_end_delay_s
-                } else {
-                    self.config.max_end_delay_s
+                let delay = match completeness(&turn) {
+                    Completeness::Finished => self.config.min_end_delay_s,
+                    Completeness::Unsure => self.config.unsure_end_delay_s,
+                    Completeness::CutOff => self.config.max_end_delay_s,
                 };
                 self.end_turn_at = Some((end + delay).max(now));
                 self.actions
@@ -660,5 +702,21 @@ mod tests {
             drain(&mut t),
             vec![TurnAction::SetVadThreshold { threshold: 0.5 }]
         );
+    }
+
+    #[test]
+    fn the_end_of_turn_wait_follows_how_finished_the_words_sound() {
+        for (text, expected) in [
+            ("Is my hemoglobin normal?", Completeness::Finished),
+            ("Thanks.", Completeness::Finished),
+            ("is my hemoglobin normal", Completeness::Unsure),
+            ("call me back tomorrow", Completeness::Unsure),
+            ("I wanted to ask about", Completeness::CutOff),
+            ("my results and", Completeness::CutOff),
+            ("so, um", Completeness::CutOff),
+            ("well,", Completeness::CutOff),
+        ] {
+            assert_eq!(completeness(text), expected, "{text:?}");
+        }
     }
 }
