@@ -94,7 +94,10 @@ fn four_concurrent_callers_each_hear_their_own_transcript_and_nothing_outlives_t
         assert!(wer(q, f) <= 0.35, "{q:?} heard as {f:?}");
     }
     assert_eq!(
-        metric(&server.addr, "talkline_sessions_total{transport=\"websocket\"}"),
+        metric(
+            &server.addr,
+            "talkline_sessions_total{transport=\"websocket\"}"
+        ),
         4.0
     );
     // Teardown: sessions end with their sockets, and their threads with them.

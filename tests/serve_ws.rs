@@ -87,9 +87,17 @@ fn a_websocket_caller_gets_a_transcript_a_spoken_reply_and_latencies() {
 
         // The turn is in the per-stage histograms on /metrics.
         let metrics = http_get(&server.addr, "/metrics").await;
-        for stage in ["asr_final", "llm_first_token", "tts_first_audio", "voice_to_voice"] {
+        for stage in [
+            "asr_final",
+            "llm_first_token",
+            "tts_first_audio",
+            "voice_to_voice",
+        ] {
             let count = format!("talkline_stage_latency_seconds_count{{stage=\"{stage}\"}} 1");
-            assert!(metrics.contains(&count), "{count:?} missing from\n{metrics}");
+            assert!(
+                metrics.contains(&count),
+                "{count:?} missing from\n{metrics}"
+            );
         }
         assert!(
             metrics.contains("talkline_turns_total{speculative="),

@@ -35,12 +35,18 @@ pub enum Command {
     Converse(crate::converse::ConverseArgs),
     /// Serve live conversations: WebSocket `/ws`, `/healthz`, `/metrics`.
     Serve(crate::serve::ServeArgs),
+    /// Call a phone over SIP (`sip:user@host:port`) and hold the conversation: the assistant
+    /// calls a patient. Hangs up when the session ends.
+    Call(crate::sip::CallArgs),
     /// Transcribe a WAV file with the streaming recognizer, one line per utterance.
     Transcribe(crate::transcribe::TranscribeArgs),
     /// Chat with the configured LLM in the terminal (one line per turn), streaming its tokens.
     Chat(crate::chat::ChatArgs),
     /// Speak text with the Piper voice into a WAV file (`-` reads the text from stdin).
     Say(crate::say::SayArgs),
+    /// Measure latency: drive `talkline serve` over WebSocket with scripted callers (1..N at
+    /// once), per-stage and voice-to-voice distributions, baselines, a report folder.
+    Bench(crate::bench::BenchArgs),
     /// Inspect the configuration.
     Config {
         #[command(subcommand)]
@@ -121,6 +127,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Serve(args) => {
             crate::serve::run(args, cli.config.as_deref())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Call(args) => {
+            crate::sip::run_call(args, cli.config.as_deref())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(args) => {
+            crate::bench::run(args, cli.config.as_deref())?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Transcribe(args) => {
@@ -274,11 +288,36 @@ fn config_check(path: Option<PathBuf>) -> anyhow::Result<ExitCode> {
             }
         }
     }
+    if config.agent.kind == crate::config::AgentKind::LabResults {
+        problems += check_patients(&config.agent.lab_results.patients);
+    }
     if problems == 0 {
         println!("config ok: every model is present");
         Ok(ExitCode::SUCCESS)
     } else {
         eprintln!("config check failed: {problems} problem(s)");
         Ok(ExitCode::FAILURE)
+    }
+}
+
+/// `[agent.lab_results] patients` must load; the number of problems found (0 or 1).
+fn check_patients(path: &std::path::Path) -> usize {
+    match crate::agent::lab_results::fhir::PatientStore::load(path) {
+        Ok(store) => {
+            println!(
+                "ok       {:<17} {} ({} patients)",
+                "Patients",
+                path.display(),
+                store.len()
+            );
+            0
+        }
+        Err(e) => {
+            println!(
+                "PROBLEM  {:<17} {e}: point [agent.lab_results] patients at FHIR R4 bundles",
+                "Patients"
+            );
+            1
+        }
     }
 }

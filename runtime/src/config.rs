@@ -22,6 +22,18 @@ pub struct Config {
     pub onnxruntime: OnnxRuntimeConfig,
     pub agent: AgentConfig,
     pub webrtc: WebRtcConfig,
+    pub audio: AudioConfig,
+}
+
+/// Processing of the caller's audio before the VAD and the ASR.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AudioConfig {
+    /// Cancel the agent's own voice when a transport loops it back (line echo, a speakerphone,
+    /// a client that records what it plays). About 3% of a core per call. Off by default:
+    /// browsers cancel echo themselves, and AEC3 has been seen to soften the first words a
+    /// caller says right after the agent stops, which tiny.en then mishears.
+    pub echo_cancellation: bool,
 }
 
 /// WebRTC transport: how peers reach this server.
@@ -51,6 +63,9 @@ pub struct IceServer {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AgentConfig {
+    /// Which agent answers: `"assistant"` (a free conversation) or `"lab-results"`.
+    pub kind: AgentKind,
+    /// The assistant's system prompt.
     pub system_prompt: String,
     /// Spoken first when a call connects (none: the agent waits for the caller).
     pub greeting: Option<String>,
@@ -58,11 +73,48 @@ pub struct AgentConfig {
     pub max_reply_tokens: usize,
     /// A call with no audio from the caller for this long is ended.
     pub idle_timeout_s: f64,
+    /// `[agent.lab_results]`: used when `kind = "lab-results"`.
+    pub lab_results: LabResultsConfig,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AgentKind {
+    #[default]
+    Assistant,
+    LabResults,
+}
+
+/// The lab-results line (`runtime/src/agent/lab_results/`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LabResultsConfig {
+    /// A FHIR R4 JSON Bundle, or a folder of them: every patient the line can verify.
+    pub patients: PathBuf,
+    /// The audit log (JSON lines, appended): disclosures, lockouts, transfers, guard events.
+    pub audit_log: PathBuf,
+    /// A keyed PIN is submitted after this many digits (or at `#`).
+    pub pin_digits: usize,
+    /// Failed identity checks before the call is locked out.
+    pub max_failures: u32,
+}
+
+impl Default for LabResultsConfig {
+    fn default() -> Self {
+        LabResultsConfig {
+            patients: PathBuf::from("examples/patients"),
+            audit_log: PathBuf::from("talkline-audit.jsonl"),
+            pin_digits: 4,
+            max_failures: 3,
+        }
+    }
 }
 
 impl Default for AgentConfig {
     fn default() -> Self {
         AgentConfig {
+            kind: AgentKind::Assistant,
+            lab_results: LabResultsConfig::default(),
             system_prompt: crate::converse::DEFAULT_SYSTEM_PROMPT.to_string(),
             greeting: None,
             max_reply_tokens: 60,
@@ -457,6 +509,18 @@ mod tests {
             !required.iter().any(|r| r.what == "LLM model"),
             "remote LLM needs no file"
         );
+    }
+
+    #[test]
+    fn lab_results_agent_is_selected_in_agent() {
+        let config = Config::from_toml(
+            "[agent]\nkind = \"lab-results\"\n[agent.lab_results]\npatients = \"/p\"\naudit_log = \"/a.jsonl\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.agent.kind, AgentKind::LabResults);
+        assert_eq!(config.agent.lab_results.patients, PathBuf::from("/p"));
+        assert_eq!(config.agent.lab_results.max_failures, 3);
+        assert_eq!(Config::default().agent.kind, AgentKind::Assistant);
     }
 
     #[test]

@@ -426,9 +426,9 @@ fn run_realtime(
     user_audio: Vec<f32>,
 ) -> anyhow::Result<()> {
     use crate::session::{self, SessionOutput};
-    let mut shared = crate::serve::load_shared(config, store, args.max_tokens)?;
-    shared.system_prompt = args.system.clone();
-    let shared = Arc::new(shared);
+    let mut config = config.clone();
+    config.agent.system_prompt = args.system.clone();
+    let shared = Arc::new(crate::serve::load_shared(&config, store, args.max_tokens)?);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -2,10 +2,13 @@
 //!
 //! The `talkline` binary (`main.rs`) is a thin shell over [`cli::run`].
 
+pub mod agent;
+pub mod bench;
 pub mod chat;
 pub mod cli;
 pub mod config;
 pub mod converse;
+pub mod echo;
 pub mod jitter;
 pub mod metrics;
 pub mod models;
@@ -13,6 +16,7 @@ pub mod onnx;
 pub mod say;
 pub mod serve;
 pub mod session;
+pub mod sip;
 pub mod stages;
 pub mod transcribe;
 pub mod turn;

@@ -3,7 +3,8 @@
 //! `/twilio` for Twilio Media Streams; see [`crate::twilio`]), `/healthz` and `/metrics`.
 //!
 //! WebSocket protocol: the client first sends `{"type":"hello","sample_rate":16000}` (8-48 kHz),
-//! then binary frames of mono PCM16 little-endian audio at that rate. The server sends binary
+//! then binary frames of mono PCM16 little-endian audio at that rate, and may send keypad keys as
+//! `{"type":"dtmf","digit":"5"}`. The server sends binary
 //! frames of agent audio at the same rate, paced at 20 ms, and JSON events: `ready`, `partial`,
 //! `final`, `turn` (texts and latencies), `clear` (drop queued audio: barge-in) and `error`.
 
@@ -46,6 +47,8 @@ pub struct ServeArgs {
     /// Most tokens in one reply. Default: `[agent] max_reply_tokens`.
     #[arg(long)]
     pub max_tokens: Option<usize>,
+    #[command(flatten)]
+    pub sip: crate::sip::SipArgs,
 }
 
 /// Largest WebSocket message accepted: 1 s of 48 kHz PCM16 is 96 kB.
@@ -130,12 +133,8 @@ pub fn load_shared(
         chat: crate::stages::load_chat_model(config, store)?,
         voice: Arc::new(Mutex::new(crate::stages::load_voice(config, store)?)),
         metrics: Arc::new(metrics::Metrics::new()),
-        system_prompt: config.agent.system_prompt.clone(),
-        greeting: config
-            .agent
-            .greeting
-            .clone()
-            .filter(|g| !g.trim().is_empty()),
+        echo_cancellation: config.audio.echo_cancellation,
+        agents: crate::agent::AgentFactory::from_config(config)?,
         idle_timeout: std::time::Duration::from_secs_f64(config.agent.idle_timeout_s.max(1.0)),
         max_tokens,
         turn: TurnConfig {
@@ -145,17 +144,19 @@ pub fn load_shared(
     })
 }
 
-async fn serve(
-    shared: Arc<Shared>,
-    webrtc: Arc<WebRtcHub>,
-    args: ServeArgs,
-) -> anyhow::Result<()> {
+async fn serve(shared: Arc<Shared>, webrtc: Arc<WebRtcHub>, args: ServeArgs) -> anyhow::Result<()> {
     let app = App {
         shared,
         max_sessions: args.max_sessions,
         next_id: Arc::new(AtomicU64::new(0)),
         webrtc,
     };
+    let (reserve, release) = (app.clone(), app.clone());
+    let slots = crate::sip::Slots {
+        reserve: Arc::new(move || reserve.reserve(metrics::Transport::sip)),
+        release: Arc::new(move || release.release()),
+    };
+    let sip = crate::sip::start(&args.sip, app.shared.clone(), slots).await?;
     let router = Router::new()
         .route("/", get(demo_page))
         .route("/app.js", get(demo_script))
@@ -174,12 +175,16 @@ async fn serve(
     println!(
         "talkline serving on http://{addr} (open it in a browser and press Call; WebSocket: ws://{addr}/ws)"
     );
-    axum::serve(listener, router)
+    let served = axum::serve(listener, router)
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;
         })
         .await
-        .context("serving")
+        .context("serving");
+    if let Some(sip) = sip {
+        sip.stop().await;
+    }
+    served
 }
 
 async fn metrics(State(app): State<App>) -> impl IntoResponse {
@@ -292,8 +297,27 @@ fn upgrade(app: App, ws: WebSocketUpgrade, transport: Transport) -> Response {
 #[derive(Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 enum ClientMessage {
-    Hello { sample_rate: u32 },
+    Hello {
+        sample_rate: u32,
+    },
+    /// A keypad key (`0`-`9`, `*`, `#`), for the agent: a PIN, a menu choice.
+    Dtmf {
+        digit: String,
+    },
     Bye,
+}
+
+/// Keys waiting for the session. Policy when full: the key is dropped (a caller cannot outtype
+/// a session that reads them as they come).
+pub(crate) const KEY_QUEUE: usize = 32;
+
+/// A keypad key from a wire message: exactly one of `0`-`9`, `*`, `#`.
+pub(crate) fn parse_key(digit: &str) -> Option<char> {
+    let mut chars = digit.chars();
+    match (chars.next(), chars.next()) {
+        (Some(c), None) if c.is_ascii_digit() || c == '*' || c == '#' => Some(c),
+        _ => None,
+    }
 }
 
 fn error_event(message: &str) -> WsMessage {
@@ -327,6 +351,11 @@ async fn handle_socket(mut socket: WebSocket, shared: Arc<Shared>, id: u64) -> a
                     return Ok(());
                 }
                 Ok(ClientMessage::Bye) => return Ok(()),
+                Ok(ClientMessage::Dtmf { .. }) => {
+                    socket
+                        .send(error_event("send a hello message first"))
+                        .await?
+                }
                 Err(e) => {
                     socket
                         .send(error_event(&format!("expected a hello message: {e}")))
@@ -350,12 +379,14 @@ async fn handle_socket(mut socket: WebSocket, shared: Arc<Shared>, id: u64) -> a
     .await?;
 
     let (input_tx, input_rx) = mpsc::channel::<Vec<f32>>(INPUT_QUEUE);
+    let (keys_tx, keys_rx) = mpsc::channel::<char>(KEY_QUEUE);
     let (output_tx, mut output_rx) = mpsc::channel::<SessionOutput>(session::OUTPUT_QUEUE);
     let cancel = CancellationToken::new();
-    let session = tokio::spawn(session::run(
+    let session = tokio::spawn(session::run_with_keys(
         shared,
         rate,
         input_rx,
+        Some(keys_rx),
         output_tx,
         cancel.clone(),
         format!("ws-{id}"),
@@ -404,6 +435,12 @@ async fn handle_socket(mut socket: WebSocket, shared: Arc<Shared>, id: u64) -> a
             }
             Ok(WsMessage::Text(text)) => match serde_json::from_str::<ClientMessage>(&text) {
                 Ok(ClientMessage::Bye) => break,
+                Ok(ClientMessage::Dtmf { digit }) => match parse_key(&digit) {
+                    Some(key) => {
+                        let _ = keys_tx.try_send(key);
+                    }
+                    None => errors.push("a dtmf digit must be one of 0-9, * and #"),
+                },
                 Ok(ClientMessage::Hello { .. }) => errors.push("hello was already received"),
                 Err(_) => errors.push("a text message was not a known JSON message"),
             },

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
+use talkline_asr::audio::To16k;
 use talkline_asr::engine::AsrEngine;
 use talkline_asr::streaming::{AsrEvent, StreamingConfig};
 use talkline_asr::vad::SpeechProbability;
@@ -24,6 +25,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::agent::{Agent, AgentAction, AgentFactory, LlmRequest, ReplyVerdict};
 use crate::metrics::{Speculation, TurnLatencies};
 use crate::turn::{CancelReason, ReplyId, TurnAction, TurnConfig, TurnManager};
 
@@ -48,9 +50,10 @@ pub struct Shared {
     pub voice: Arc<Mutex<PiperVoice>>,
     /// Process-wide counters and latency histograms (`/metrics`).
     pub metrics: Arc<crate::metrics::Metrics>,
-    pub system_prompt: String,
-    /// Spoken first, before the caller says anything.
-    pub greeting: Option<String>,
+    /// Cancel the agent's own voice looped back into the caller's audio (see [`crate::echo`]).
+    pub echo_cancellation: bool,
+    /// Makes each call's agent: what is said in answer to each turn (see [`crate::agent`]).
+    pub agents: AgentFactory,
     /// No audio from the caller for this long ends the session.
     pub idle_timeout: Duration,
     pub max_tokens: usize,
@@ -74,20 +77,34 @@ enum ReplyMsg {
     },
     FirstToken {
         reply: ReplyId,
+        thread: u64,
         at: Instant,
     },
     Audio {
         reply: ReplyId,
+        thread: u64,
         chunk: talkline_tts::stream::AudioChunk,
     },
     Done {
         reply: ReplyId,
+        thread: u64,
         text: String,
     },
     Failed {
         reply: ReplyId,
+        thread: u64,
         error: String,
     },
+}
+
+/// What follows an agent utterance once it has been played.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum Afterwards {
+    #[default]
+    Listen,
+    /// Hand the caller to a human (an event for the transport: SIP REFER, a browser's UI).
+    Transfer,
+    HangUp,
 }
 
 struct ReplyState {
@@ -105,6 +122,106 @@ struct ReplyState {
     speech_end: Option<f64>,
     asr_final: Option<f64>,
     missed: bool,
+    /// The thread whose messages count: a reply restarted under the same id ignores its old one.
+    thread: u64,
+    /// The LLM request a speculative reply was started with.
+    request: Option<LlmRequest>,
+    afterwards: Afterwards,
+    transfer_reason: String,
+}
+
+impl ReplyState {
+    fn new(user_text: String, started_at: f64) -> Self {
+        ReplyState {
+            cancel: CancelToken::new(),
+            user_text,
+            speculative: false,
+            committed: true,
+            held: Vec::new(),
+            done: false,
+            generated: String::new(),
+            started_at,
+            first_token_at: None,
+            first_audio_at: None,
+            speech_end: None,
+            asr_final: None,
+            missed: false,
+            thread: 0,
+            request: None,
+            afterwards: Afterwards::Listen,
+            transfer_reason: String::new(),
+        }
+    }
+
+    /// Whether a message from `thread` is about the reply's current work.
+    fn current(&self, thread: u64) -> bool {
+        self.thread == thread
+    }
+}
+
+/// Starts what an agent asks for on threads of their own, numbering each so that a reply
+/// restarted under the same id ignores what its previous thread still sends.
+struct Launcher {
+    shared: Arc<Shared>,
+    chat: Arc<Mutex<Box<dyn ChatSession>>>,
+    agent: Arc<Mutex<Box<dyn Agent>>>,
+    out_rate: u32,
+    tx: mpsc::Sender<ReplyMsg>,
+    threads: u64,
+}
+
+impl Launcher {
+    fn run(&mut self, reply: ReplyId, r: &mut ReplyState, action: AgentAction) {
+        self.threads += 1;
+        r.thread = self.threads;
+        r.cancel = CancelToken::new();
+        let (thread, cancel) = (r.thread, r.cancel.clone());
+        let speak = |text: String| {
+            spawn_speech(
+                reply,
+                thread,
+                self.shared.clone(),
+                text,
+                self.out_rate,
+                cancel.clone(),
+                self.tx.clone(),
+            )
+        };
+        match action {
+            AgentAction::Say(text) => speak(text),
+            AgentAction::Transfer { reason, say } => {
+                r.afterwards = Afterwards::Transfer;
+                r.transfer_reason = reason;
+                speak(say);
+            }
+            AgentAction::Hangup { say } => {
+                r.afterwards = Afterwards::HangUp;
+                speak(say);
+            }
+            AgentAction::AskLlm(request) => {
+                let checks = lock(&self.agent).checks_replies();
+                spawn_reply(
+                    ReplyJob {
+                        reply,
+                        thread,
+                        request,
+                        checks,
+                    },
+                    self.shared.clone(),
+                    self.chat.clone(),
+                    self.agent.clone(),
+                    self.out_rate,
+                    cancel.clone(),
+                    self.tx.clone(),
+                );
+            }
+        }
+    }
+}
+
+/// The agent's lock: a poisoned one (a panic elsewhere) still holds a usable agent.
+fn lock(agent: &Mutex<Box<dyn Agent>>) -> std::sync::MutexGuard<'_, Box<dyn Agent>> {
+    agent.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A chunk of a reply as queued for output.
@@ -153,6 +270,144 @@ impl Playing {
     }
 }
 
+/// Caller audio (16 kHz) from the echo thread to the control loop. Policy when full: the chunk
+/// is dropped and counted; the echo thread never blocks.
+const CLEANED_QUEUE: usize = 100;
+/// Audio waiting for the echo thread, both directions in one queue so that their order is kept.
+/// Policy when full: the chunk is dropped and counted (the thread runs at about 3% of a core,
+/// so a full queue means it died).
+const ECHO_QUEUE: usize = 200;
+
+enum EchoInput {
+    /// 16 kHz agent audio as it was handed to the transport (zeros while silent).
+    Played(Vec<f32>),
+    /// 16 kHz caller audio.
+    Heard(Vec<f32>),
+    /// The caller's audio is back after a pause in the stream.
+    Resumed,
+}
+
+/// The caller's audio on its way to the ASR, with the agent's own voice taken out (see
+/// [`crate::echo`]): what was played is the canceller's reference, silence included, so that its
+/// timeline never slips. AEC3's state is not `Send`, so it lives on a thread of its own, fed in
+/// order from the control loop; cleaned audio comes back as `cleaned`.
+struct EchoPath {
+    input: Option<std::sync::mpsc::SyncSender<EchoInput>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    to16k: Option<To16k>,
+    dropped: u64,
+}
+
+impl EchoPath {
+    /// No canceller when `enabled` is false: [`EchoPath::heard`] hands the audio straight back.
+    fn new(enabled: bool, out_rate: u32, cleaned: mpsc::Sender<Vec<f32>>) -> anyhow::Result<Self> {
+        if !enabled {
+            return Ok(Self {
+                input: None,
+                thread: None,
+                to16k: None,
+                dropped: 0,
+            });
+        }
+        let (input, inbox) = std::sync::mpsc::sync_channel(ECHO_QUEUE);
+        let (ready_tx, ready) = std::sync::mpsc::sync_channel(1);
+        let thread = std::thread::Builder::new()
+            .name("echo".into())
+            .spawn(move || cancel_echo(inbox, cleaned, ready_tx))?;
+        ready
+            .recv()
+            .map_err(|_| anyhow::anyhow!("the echo thread ended before starting"))??;
+        Ok(Self {
+            input: Some(input),
+            thread: Some(thread),
+            to16k: Some(To16k::new(out_rate)?),
+            dropped: 0,
+        })
+    }
+
+    /// Caller audio: returned at once when there is no canceller, else cleaned on the thread.
+    /// `after_gap`: the stream had stopped for a while before this audio.
+    fn heard(&mut self, audio: Vec<f32>, after_gap: bool) -> Option<Vec<f32>> {
+        match &self.input {
+            None => Some(audio),
+            Some(input) => {
+                if after_gap {
+                    self.dropped += u64::from(input.try_send(EchoInput::Resumed).is_err());
+                }
+                self.dropped += u64::from(input.try_send(EchoInput::Heard(audio)).is_err());
+                None
+            }
+        }
+    }
+
+    fn played(&mut self, frame: &[f32]) {
+        if let (Some(input), Some(to16k)) = (&self.input, &mut self.to16k) {
+            let played = to16k.push(frame);
+            self.dropped += u64::from(input.try_send(EchoInput::Played(played)).is_err());
+        }
+    }
+
+    fn played_silence(&mut self) {
+        if let Some(input) = &self.input {
+            let silence = vec![0.0; (16_000.0 * FRAME_S) as usize];
+            self.dropped += u64::from(input.try_send(EchoInput::Played(silence)).is_err());
+        }
+    }
+}
+
+impl Drop for EchoPath {
+    fn drop(&mut self) {
+        self.input.take(); // the thread ends when its inbox closes
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        if self.dropped > 0 {
+            tracing::warn!(dropped = self.dropped, "echo canceller input dropped");
+        }
+    }
+}
+
+fn cancel_echo(
+    inbox: std::sync::mpsc::Receiver<EchoInput>,
+    cleaned: mpsc::Sender<Vec<f32>>,
+    ready: std::sync::mpsc::SyncSender<anyhow::Result<()>>,
+) {
+    let mut canceller = match crate::echo::EchoCanceller::new() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = ready.send(Err(e.into()));
+            return;
+        }
+    };
+    let _ = ready.send(Ok(()));
+    // The canceller's fixed delay is dropped from the start of its output, so that every sample
+    // keeps the media time it had at the transport.
+    let mut to_skip = crate::echo::LATENCY_SAMPLES;
+    let mut dropped = 0u64;
+    while let Ok(input) = inbox.recv() {
+        match input {
+            EchoInput::Played(samples) => canceller.push_render(&samples),
+            EchoInput::Resumed => canceller.capture_resumed_after_gap(),
+            EchoInput::Heard(samples) => {
+                let mut out = canceller.process_capture(&samples);
+                let skip = to_skip.min(out.len());
+                out.drain(..skip);
+                to_skip -= skip;
+                if !out.is_empty() && cleaned.try_send(out).is_err() {
+                    dropped += 1;
+                }
+            }
+        }
+    }
+    let metrics = canceller.metrics();
+    tracing::debug!(
+        erle_db = metrics.erle_db,
+        delay_ms = metrics.delay_ms,
+        dropped,
+        "echo canceller finished"
+    );
+}
+
 /// Runs one session until the input ends or `cancel` fires. `input` carries 16 kHz mono audio.
 /// Everything it logs, on any thread, is inside a `session` span; each reply inside a `reply`
 /// span with `llm` and `tts` spans under it.
@@ -164,16 +419,38 @@ pub async fn run(
     cancel: CancellationToken,
     name: String,
 ) -> anyhow::Result<()> {
+    run_with_keys(shared, out_rate, input, None, output, cancel, name).await
+}
+
+/// [`run`], with the caller's DTMF keys (`0`-`9`, `*`, `#`) for the agent. The keys never reach
+/// a log.
+pub async fn run_with_keys(
+    shared: Arc<Shared>,
+    out_rate: u32,
+    input: mpsc::Receiver<Vec<f32>>,
+    keys: Option<mpsc::Receiver<char>>,
+    output: mpsc::Sender<SessionOutput>,
+    cancel: CancellationToken,
+    name: String,
+) -> anyhow::Result<()> {
     let span = tracing::info_span!("session", session = %name);
-    run_session(shared, out_rate, input, output, cancel, name)
+    run_session(shared, out_rate, input, keys, output, cancel, name)
         .instrument(span)
         .await
+}
+
+async fn next_key(keys: &mut Option<mpsc::Receiver<char>>) -> Option<char> {
+    match keys {
+        Some(k) => k.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn run_session(
     shared: Arc<Shared>,
     out_rate: u32,
     mut input: mpsc::Receiver<Vec<f32>>,
+    mut keys: Option<mpsc::Receiver<char>>,
     output: mpsc::Sender<SessionOutput>,
     cancel: CancellationToken,
     name: String,
@@ -187,38 +464,33 @@ async fn run_session(
                     tracing::debug!("ASR event dropped: the session is behind");
                 }
             })?;
+    let (cleaned_tx, mut cleaned_rx) = mpsc::channel::<Vec<f32>>(CLEANED_QUEUE);
+    let mut echo = EchoPath::new(shared.echo_cancellation, out_rate, cleaned_tx)?;
+    // Samples handed to the ASR: the media time of the next one.
+    let mut delivered = 0u64;
     let chat: Arc<Mutex<Box<dyn ChatSession>>> = Arc::new(Mutex::new(shared.chat.new_session()?));
     let (reply_tx, mut reply_rx) = mpsc::channel(REPLY_QUEUE);
     let mut turns = TurnManager::new(shared.turn.clone());
-    let mut replies_seed: Vec<(ReplyId, String)> = Vec::new();
-    let mut history = vec![Message::system(shared.system_prompt.clone())];
-    if let Some(greeting) = &shared.greeting {
+    let agent: Arc<Mutex<Box<dyn Agent>>> = Arc::new(Mutex::new(shared.agents.new_agent(&name)));
+    let mut launcher = Launcher {
+        shared: shared.clone(),
+        chat: chat.clone(),
+        agent: agent.clone(),
+        out_rate,
+        tx: reply_tx.clone(),
+        threads: 0,
+    };
+    let mut replies: HashMap<ReplyId, ReplyState> = HashMap::new();
+    let greeting = lock(&agent).greeting().filter(|g| !g.trim().is_empty());
+    if let Some(greeting) = greeting {
         // The greeting is an agent turn like any reply: it can be barged in on.
         let reply = turns.greet();
-        replies_seed.push((reply, greeting.clone()));
+        let mut r = ReplyState::new(String::new(), 0.0);
+        launcher.run(reply, &mut r, AgentAction::Say(greeting));
+        replies.insert(reply, r);
     }
-    let mut replies: HashMap<ReplyId, ReplyState> = HashMap::new();
-    for (reply, text) in replies_seed.drain(..) {
-        replies.insert(
-            reply,
-            ReplyState {
-                cancel: CancelToken::new(),
-                user_text: String::new(),
-                speculative: false,
-                committed: true,
-                held: Vec::new(),
-                done: false,
-                generated: String::new(),
-                started_at: 0.0,
-                first_token_at: None,
-                first_audio_at: None,
-                speech_end: None,
-                asr_final: None,
-                missed: false,
-            },
-        );
-        spawn_speech(reply, shared.clone(), text, out_rate, reply_tx.clone());
-    }
+    // Set when an utterance that ends the call has been played.
+    let mut hang_up = false;
     let mut queue: VecDeque<f32> = VecDeque::new();
     let mut playing: Option<Playing> = None;
     let frame = (out_rate as f64 * FRAME_S) as usize;
@@ -228,6 +500,11 @@ async fn run_session(
     let mut media_samples = 0u64;
     let mut last_audio = Instant::now();
     let started = Instant::now();
+    let report = TurnReport {
+        output: &output,
+        started,
+        metrics: &shared.metrics,
+    };
     let media_now = |media_samples: u64, last_audio: Instant| {
         let base = media_samples as f64 / 16_000.0;
         let gap = last_audio.elapsed().as_secs_f64();
@@ -255,9 +532,18 @@ async fn run_session(
             _ = cancel.cancelled() => break Ok(()),
             audio = input.recv() => {
                 let Some(audio) = audio else { break Ok(()) };
-                asr.push(media_samples as f64 / 16_000.0, &audio);
                 media_samples += audio.len() as u64;
+                // Transports send 20 ms frames; a longer silence means the stream itself paused.
+                let after_gap = last_audio.elapsed() > Duration::from_millis(100);
+                if let Some(audio) = echo.heard(audio, after_gap) {
+                    asr.push(delivered as f64 / 16_000.0, &audio);
+                    delivered += audio.len() as u64;
+                }
                 last_audio = Instant::now();
+            }
+            Some(audio) = cleaned_rx.recv() => {
+                asr.push(delivered as f64 / 16_000.0, &audio);
+                delivered += audio.len() as u64;
             }
             Some(event) = asr_rx.recv() => {
                 let now = media_now(media_samples, last_audio);
@@ -274,10 +560,12 @@ async fn run_session(
                 tracing::debug!(session = %name, now, ?event, "asr");
                 match &event {
                     AsrEvent::SpeechStarted { .. } => {
-                        prefill_while_speaking(&chat, &prefill_busy, &history, String::new());
+                        let context = lock(&agent).speculate("");
+                        prefill_while_speaking(&chat, &prefill_busy, context);
                     }
                     AsrEvent::Partial { committed, .. } if !committed.is_empty() => {
-                        prefill_while_speaking(&chat, &prefill_busy, &history, committed.clone());
+                        let context = lock(&agent).speculate(committed);
+                        prefill_while_speaking(&chat, &prefill_busy, context);
                     }
                     _ => {}
                 }
@@ -287,11 +575,11 @@ async fn run_session(
                 let now = media_now(media_samples, last_audio);
                 let at = |i: Instant| now - i.elapsed().as_secs_f64();
                 match msg {
-                    ReplyMsg::FirstToken { reply, at: i } => {
-                        if let Some(r) = replies.get_mut(&reply) { r.first_token_at = Some(at(i)); }
+                    ReplyMsg::FirstToken { reply, thread, at: i } => {
+                        if let Some(r) = replies.get_mut(&reply).filter(|r| r.current(thread)) { r.first_token_at = Some(at(i)); }
                     }
-                    ReplyMsg::Audio { reply, chunk } => {
-                        if let Some(r) = replies.get_mut(&reply) {
+                    ReplyMsg::Audio { reply, thread, chunk } => {
+                        if let Some(r) = replies.get_mut(&reply).filter(|r| r.current(thread)) {
                             r.first_audio_at.get_or_insert(now);
                             if r.committed {
                                 enqueue(&mut queue, &mut playing, reply, chunk, now);
@@ -300,19 +588,37 @@ async fn run_session(
                             }
                         }
                     }
-                    ReplyMsg::Done { reply, text } => {
-                        if let Some(r) = replies.get_mut(&reply) { r.done = true; r.generated = text; }
+                    ReplyMsg::Done { reply, thread, text } => {
+                        if let Some(r) = replies.get_mut(&reply).filter(|r| r.current(thread)) { r.done = true; r.generated = text; }
                     }
                     ReplyMsg::EndOfUtterance { text, probability } => {
                         tracing::debug!(session = %name, probability, "end-of-utterance probability");
                         turns.on_end_of_utterance(now, &text, probability);
                     }
-                    ReplyMsg::Failed { reply, error } => {
+                    ReplyMsg::Failed { reply, thread, error } => {
+                        if replies.get(&reply).is_some_and(|r| !r.current(thread)) { continue; }
                         tracing::warn!(reply, %error, "reply failed");
                         shared.metrics.reply_failed();
                         send(&output, SessionOutput::Event(json!({"type": "error", "message": "the agent could not answer"})), &mut dropped_frames);
                         if let Some(r) = replies.get_mut(&reply) { r.done = true; }
                     }
+                }
+            }
+            Some(key) = next_key(&mut keys) => {
+                let action = lock(&agent).on_dtmf(key);
+                if let Some(action) = action {
+                    // Keys speak over the agent: whatever it was saying stops, as for a barge-in.
+                    queue.clear();
+                    send(&output, SessionOutput::Clear, &mut dropped_frames);
+                    if let Some(p) = playing.take() {
+                        hang_up |= finish_reply(&mut turns, &mut replies, &agent, &p, true, &report);
+                    }
+                    for r in replies.values() { r.cancel.cancel(); }
+                    replies.clear();
+                    let reply = turns.greet();
+                    let mut r = ReplyState::new(String::new(), media_now(media_samples, last_audio));
+                    launcher.run(reply, &mut r, action);
+                    replies.insert(reply, r);
                 }
             }
             _ = tick.tick() => {
@@ -331,7 +637,10 @@ async fn run_session(
                     let mut out: Vec<f32> = queue.drain(..n).collect();
                     out.resize(frame, 0.0);
                     if let Some(p) = &mut playing { p.played += n as u64; }
+                    echo.played(&out);
                     send(&output, SessionOutput::Audio(out), &mut dropped_frames);
+                } else {
+                    echo.played_silence();
                 }
                 // A reply that has played out returns the floor.
                 let finished = playing.as_ref().is_some_and(|p| {
@@ -339,7 +648,7 @@ async fn run_session(
                 });
                 if finished {
                     let p = playing.take().expect("checked just above");
-                    finish_reply(&mut turns, &mut replies, &mut history, &p, false, &output, started, &shared.metrics);
+                    hang_up |= finish_reply(&mut turns, &mut replies, &agent, &p, false, &report);
                 }
             }
         }
@@ -353,42 +662,44 @@ async fn run_session(
                     user_text,
                     speculative,
                 } => {
-                    let mut messages = history.clone();
-                    messages.push(Message::user(user_text.clone()));
-                    let cancel_reply = CancelToken::new();
-                    replies.insert(
-                        reply,
-                        ReplyState {
-                            cancel: cancel_reply.clone(),
-                            user_text: user_text.clone(),
-                            speculative,
-                            committed: !speculative,
-                            held: Vec::new(),
-                            done: false,
-                            generated: String::new(),
-                            started_at: now,
-                            first_token_at: None,
-                            first_audio_at: None,
-                            speech_end,
-                            asr_final,
-                            missed: !speculative && std::mem::take(&mut missed),
-                        },
-                    );
-                    spawn_reply(
-                        reply,
-                        shared.clone(),
-                        chat.clone(),
-                        messages,
-                        out_rate,
-                        cancel_reply,
-                        reply_tx.clone(),
-                    );
+                    let mut r = ReplyState::new(user_text.clone(), now);
+                    r.speculative = speculative;
+                    r.committed = !speculative;
+                    r.speech_end = speech_end;
+                    r.asr_final = asr_final;
+                    r.missed = !speculative && std::mem::take(&mut missed);
+                    if speculative {
+                        // Early only if the agent can say, without acting on it, what it would
+                        // ask; otherwise the reply starts when the turn is confirmed.
+                        let request = lock(&agent).speculate(&user_text);
+                        if let Some(request) = request {
+                            r.request = Some(request.clone());
+                            launcher.run(reply, &mut r, AgentAction::AskLlm(request));
+                        }
+                    } else {
+                        let action = lock(&agent).on_user_turn(&user_text);
+                        launcher.run(reply, &mut r, action);
+                    }
+                    replies.insert(reply, r);
                 }
                 TurnAction::CommitReply { reply } => {
                     if let Some(r) = replies.get_mut(&reply) {
                         r.committed = true;
                         r.speech_end = speech_end;
                         r.asr_final = asr_final;
+                        // The turn is confirmed: now the agent acts on it. The early answer
+                        // stands only if the agent asks for exactly what it was started with.
+                        let action = lock(&agent).on_user_turn(&r.user_text);
+                        let same = matches!(&action, AgentAction::AskLlm(request) if r.request.as_ref() == Some(request));
+                        if !same {
+                            r.cancel.cancel();
+                            r.held.clear();
+                            r.missed = r.request.is_some();
+                            r.speculative = false;
+                            r.first_token_at = None;
+                            r.first_audio_at = None;
+                            launcher.run(reply, r, action);
+                        }
                         for chunk in std::mem::take(&mut r.held) {
                             enqueue(&mut queue, &mut playing, reply, chunk, now);
                         }
@@ -403,18 +714,17 @@ async fn run_session(
                     }
                     if playing.as_ref().is_some_and(|p| p.reply == reply) {
                         let p = playing.take().expect("checked just above");
-                        finish_reply(
+                        hang_up |= finish_reply(
                             &mut turns,
                             &mut replies,
-                            &mut history,
+                            &agent,
                             &p,
                             reason == CancelReason::BargeIn,
-                            &output,
-                            started,
-                            &shared.metrics,
+                            &report,
                         );
-                    } else {
-                        replies.remove(&reply);
+                    } else if let Some(r) = replies.remove(&reply) {
+                        // A goodbye cut before it played still ends the call.
+                        hang_up |= r.committed && r.afterwards == Afterwards::HangUp;
                     }
                 }
                 TurnAction::StopOutput => {
@@ -424,8 +734,9 @@ async fn run_session(
                 TurnAction::EstimateEndOfUtterance { text } => {
                     // One forward pass of the new tokens, on a thread: it waits for a prefill or a
                     // cancelled reply to let go of the chat session, never the control loop.
-                    let mut messages = history.clone();
-                    messages.push(Message::user(text.clone()));
+                    let messages = lock(&agent)
+                        .speculate(&text)
+                        .map_or_else(|| vec![Message::user(text.clone())], |r| r.messages);
                     let (chat, tx) = (chat.clone(), reply_tx.clone());
                     let spawned = std::thread::Builder::new()
                         .name("end-of-utterance".into())
@@ -447,6 +758,14 @@ async fn run_session(
                     asr.set_vad_thresholds(threshold, (threshold - 0.15).max(0.01));
                 }
             }
+        }
+        if hang_up {
+            send(
+                &output,
+                SessionOutput::Event(json!({"type": "bye", "reason": "agent"})),
+                &mut dropped_frames,
+            );
+            break Ok(());
         }
     };
     for r in replies.values() {
@@ -470,15 +789,15 @@ async fn run_session(
 fn prefill_while_speaking(
     chat: &Arc<Mutex<Box<dyn ChatSession>>>,
     busy: &Arc<std::sync::atomic::AtomicBool>,
-    history: &[Message],
-    user_so_far: String,
+    context: Option<LlmRequest>,
 ) {
     use std::sync::atomic::Ordering;
+    let Some(LlmRequest { messages, .. }) = context else {
+        return; // the agent does not say what it will ask before the turn is confirmed
+    };
     if busy.swap(true, Ordering::AcqRel) {
         return;
     }
-    let mut messages = history.to_vec();
-    messages.push(Message::user(user_so_far));
     let (chat, busy_flag) = (chat.clone(), busy.clone());
     let spawned = std::thread::Builder::new()
         .name("prefill".into())
@@ -523,29 +842,38 @@ fn enqueue(
     queue.extend(chunk.samples);
 }
 
+/// Where a finished turn is reported: the transport's events and the process's metrics.
+struct TurnReport<'a> {
+    output: &'a mpsc::Sender<SessionOutput>,
+    /// When the session started, for the events' uptime.
+    started: Instant,
+    metrics: &'a crate::metrics::Metrics,
+}
+
 fn finish_reply(
     turns: &mut TurnManager,
     replies: &mut HashMap<ReplyId, ReplyState>,
-    history: &mut Vec<Message>,
+    agent: &Mutex<Box<dyn Agent>>,
     p: &Playing,
     interrupted: bool,
-    output: &mpsc::Sender<SessionOutput>,
-    started: Instant,
-    metrics: &crate::metrics::Metrics,
-) {
+    report: &TurnReport<'_>,
+) -> bool {
+    let (output, started, metrics) = (report.output, report.started, report.metrics);
     turns.on_agent_audio_finished(p.reply);
     let Some(r) = replies.remove(&p.reply) else {
-        return;
+        return false;
     };
     let heard = if interrupted {
         p.heard()
     } else {
         r.generated.trim().to_string()
     };
-    if !r.user_text.is_empty() {
-        history.push(Message::user(r.user_text.clone()));
+    lock(agent).on_reply_spoken(&heard);
+    if r.afterwards == Afterwards::Transfer {
+        let _ = output.try_send(SessionOutput::Event(
+            json!({"type": "transfer", "reason": r.transfer_reason}),
+        ));
     }
-    history.push(Message::assistant(heard.clone()));
     let end = r.speech_end.unwrap_or(r.started_at);
     let ms = |t: Option<f64>| t.map(|t| (t - end) * 1000.0);
     let speculation = if r.speculative {
@@ -583,19 +911,24 @@ fn finish_reply(
         "interrupted": interrupted,
         "session_uptime_ms": started.elapsed().as_secs_f64() * 1000.0,
     })));
+    r.afterwards == Afterwards::HangUp
 }
 
-/// Speaks a fixed text (the greeting): the TTS stream alone, no LLM.
+/// Speaks a fixed text (a greeting, an agent's sentence): the TTS stream alone, no LLM.
 fn spawn_speech(
     reply: ReplyId,
+    thread: u64,
     shared: Arc<Shared>,
     text: String,
     out_rate: u32,
+    cancel: CancelToken,
     tx: mpsc::Sender<ReplyMsg>,
 ) {
+    let span = tracing::info_span!("speech", reply);
     let spawned = std::thread::Builder::new()
         .name(format!("speech-{reply}"))
         .spawn(move || {
+            let _speech = span.enter();
             let result = (|| -> anyhow::Result<()> {
                 let config = StreamConfig {
                     output_rate: Some(out_rate),
@@ -605,9 +938,17 @@ fn spawn_speech(
                 text_in.push(&text)?;
                 text_in.finish()?;
                 while let Some(chunk) = audio_out.recv() {
+                    if cancel.is_cancelled() {
+                        break; // dropping audio_out stops synthesis
+                    }
                     match chunk {
                         Ok(chunk) => {
-                            if tx.blocking_send(ReplyMsg::Audio { reply, chunk }).is_err() {
+                            let msg = ReplyMsg::Audio {
+                                reply,
+                                thread,
+                                chunk,
+                            };
+                            if tx.blocking_send(msg).is_err() {
                                 break;
                             }
                         }
@@ -617,28 +958,103 @@ fn spawn_speech(
                 Ok(())
             })();
             let msg = match result {
-                Ok(()) => ReplyMsg::Done { reply, text },
+                Ok(()) => ReplyMsg::Done {
+                    reply,
+                    thread,
+                    text,
+                },
                 Err(e) => ReplyMsg::Failed {
                     reply,
+                    thread,
                     error: format!("{e:#}"),
                 },
             };
             let _ = tx.blocking_send(msg);
         });
     if let Err(e) = spawned {
-        tracing::error!("cannot start the greeting thread: {e}");
+        tracing::error!("cannot start a speech thread: {e}");
+    }
+}
+
+/// One LLM answer to speak.
+struct ReplyJob {
+    reply: ReplyId,
+    thread: u64,
+    request: LlmRequest,
+    /// Pass each clause through the agent's guard before it is spoken.
+    checks: bool,
+}
+
+/// The LLM's words on their way to the voice: straight through, or clause by clause past the
+/// agent's guard, which may replace the rest of the answer with a safe line.
+struct GuardedText<'a> {
+    agent: Option<&'a Mutex<Box<dyn Agent>>>,
+    /// Released to the voice.
+    spoken: String,
+    /// Waiting for its clause to end before the guard sees it.
+    pending: String,
+    replaced: bool,
+}
+
+impl GuardedText<'_> {
+    /// Takes a piece of the answer; returns text to speak now, if any.
+    fn push(&mut self, piece: &str) -> Option<String> {
+        if self.replaced {
+            return None;
+        }
+        let Some(agent) = self.agent else {
+            self.spoken.push_str(piece);
+            return Some(piece.to_string());
+        };
+        self.pending.push_str(piece);
+        let clause_ended = self
+            .pending
+            .trim_end()
+            .ends_with(['.', ',', ';', ':', '!', '?']);
+        if clause_ended {
+            self.release(agent)
+        } else {
+            None
+        }
+    }
+
+    /// The end of the answer: the last words, checked.
+    fn finish(&mut self) -> Option<String> {
+        match self.agent {
+            Some(agent) if !self.replaced && !self.pending.trim().is_empty() => self.release(agent),
+            _ => None,
+        }
+    }
+
+    fn release(&mut self, agent: &Mutex<Box<dyn Agent>>) -> Option<String> {
+        let candidate = format!("{}{}", self.spoken, self.pending);
+        let verdict = lock(agent).check_reply(&candidate);
+        match verdict {
+            ReplyVerdict::Speak => {
+                self.spoken = candidate;
+                Some(std::mem::take(&mut self.pending))
+            }
+            ReplyVerdict::Replace(line) => {
+                self.replaced = true;
+                self.pending.clear();
+                let line = format!(" {}", line.trim());
+                self.spoken.push_str(&line);
+                Some(line)
+            }
+        }
     }
 }
 
 fn spawn_reply(
-    reply: ReplyId,
+    job: ReplyJob,
     shared: Arc<Shared>,
     chat: Arc<Mutex<Box<dyn ChatSession>>>,
-    messages: Vec<Message>,
+    agent: Arc<Mutex<Box<dyn Agent>>>,
     out_rate: u32,
     cancel: CancelToken,
     tx: mpsc::Sender<ReplyMsg>,
 ) {
+    let (reply, thread) = (job.reply, job.thread);
     let span = tracing::info_span!("reply", reply);
     let spawned = std::thread::Builder::new()
         .name(format!("reply-{reply}"))
@@ -663,10 +1079,12 @@ fn spawn_reply(
                             }
                             match chunk {
                                 Ok(chunk) => {
-                                    if audio_tx
-                                        .blocking_send(ReplyMsg::Audio { reply, chunk })
-                                        .is_err()
-                                    {
+                                    let msg = ReplyMsg::Audio {
+                                        reply,
+                                        thread,
+                                        chunk,
+                                    };
+                                    if audio_tx.blocking_send(msg).is_err() {
                                         break;
                                     }
                                 }
@@ -675,40 +1093,67 @@ fn spawn_reply(
                         }
                     })?;
                 let params = GenerateParams {
-                    max_tokens: shared.max_tokens,
+                    max_tokens: job.request.max_tokens.min(shared.max_tokens),
                     sampling: Sampling::Greedy,
+                };
+                // The LLM stops on its own token when the guard replaces the answer; the voice
+                // goes on to speak the safe line.
+                let llm_cancel = CancelToken::new();
+                let mut text = GuardedText {
+                    agent: job.checks.then_some(&*agent),
+                    spoken: String::new(),
+                    pending: String::new(),
+                    replaced: false,
                 };
                 let mut first = true;
                 let _llm = tracing::info_span!("llm").entered();
                 let mut chat = chat
                     .lock()
                     .map_err(|_| anyhow::anyhow!("the chat session is poisoned"))?;
-                let reply_text = chat.reply(&messages, &params, &cancel, &mut |piece| {
+                chat.reply(&job.request.messages, &params, &llm_cancel, &mut |piece| {
                     if first {
                         first = false;
                         let _ = tx.blocking_send(ReplyMsg::FirstToken {
                             reply,
+                            thread,
                             at: Instant::now(),
                         });
                     }
-                    if text_in.push(piece).is_err() {
-                        cancel.cancel();
+                    if cancel.is_cancelled() {
+                        llm_cancel.cancel();
+                        return;
+                    }
+                    if let Some(speak) = text.push(piece) {
+                        if text_in.push(&speak).is_err() {
+                            llm_cancel.cancel();
+                        }
+                    }
+                    if text.replaced {
+                        llm_cancel.cancel();
                     }
                 })?;
                 drop(chat);
                 drop(_llm);
                 if !cancel.is_cancelled() {
+                    if let Some(speak) = text.finish() {
+                        let _ = text_in.push(&speak);
+                    }
                     let _ = text_in.finish();
                 } else {
                     drop(text_in);
                 }
                 let _ = collector.join();
-                Ok(reply_text.text)
+                Ok(text.spoken)
             })();
             let msg = match result {
-                Ok(text) => ReplyMsg::Done { reply, text },
+                Ok(text) => ReplyMsg::Done {
+                    reply,
+                    thread,
+                    text,
+                },
                 Err(e) => ReplyMsg::Failed {
                     reply,
+                    thread,
                     error: format!("{e:#}"),
                 },
             };

@@ -164,11 +164,10 @@ enum Completeness {
 /// Words English sentences do not end on: articles, possessives, prepositions, conjunctions,
 /// auxiliaries and fillers. A turn ending on one is a speaker drawing breath.
 const NON_FINAL_WORDS: &[&str] = &[
-    "a", "an", "the", "my", "your", "his", "her", "our", "their", "its", "to", "of", "for",
-    "with", "about", "in", "on", "at", "from", "by", "into", "than", "and", "or", "but", "so",
-    "because", "if", "that", "which", "who", "when", "is", "are", "was", "were", "be", "am",
-    "do", "does", "did", "have", "has", "can", "could", "would", "should", "will", "um", "uh",
-    "er", "like",
+    "a", "an", "the", "my", "your", "his", "her", "our", "their", "its", "to", "of", "for", "with",
+    "about", "in", "on", "at", "from", "by", "into", "than", "and", "or", "but", "so", "because",
+    "if", "that", "which", "who", "when", "is", "are", "was", "were", "be", "am", "do", "does",
+    "did", "have", "has", "can", "could", "would", "should", "will", "um", "uh", "er", "like",
 ];
 
 fn completeness(text: &str) -> Completeness {

@@ -27,8 +27,13 @@ enum Inbound {
     Start { start: StartInfo },
     Media { media: Media },
     Mark,
-    Dtmf,
+    Dtmf { dtmf: KeyPress },
     Stop,
+}
+
+#[derive(Deserialize)]
+struct KeyPress {
+    digit: String,
 }
 
 #[derive(Deserialize)]
@@ -114,12 +119,14 @@ pub async fn handle_socket(
     };
     let (mut sink, mut stream) = socket.split();
     let (input_tx, input_rx) = mpsc::channel::<Vec<f32>>(INPUT_QUEUE);
+    let (keys_tx, keys_rx) = mpsc::channel::<char>(crate::serve::KEY_QUEUE);
     let (output_tx, mut output_rx) = mpsc::channel::<SessionOutput>(session::OUTPUT_QUEUE);
     let cancel = CancellationToken::new();
-    let session = tokio::spawn(session::run(
+    let session = tokio::spawn(session::run_with_keys(
         shared,
         RATE,
         input_rx,
+        Some(keys_rx),
         output_tx,
         cancel.clone(),
         format!("twilio-{id}"),
@@ -175,6 +182,12 @@ pub async fn handle_socket(
                     }
                 }
                 Err(e) => tracing::info!(session = id, "ignored media with bad base64: {e}"),
+            },
+            Ok(Inbound::Dtmf { dtmf }) => match crate::serve::parse_key(&dtmf.digit) {
+                Some(key) => {
+                    let _ = keys_tx.try_send(key);
+                }
+                None => tracing::info!(session = id, "ignored a dtmf event with a bad digit"),
             },
             Ok(Inbound::Stop) => break,
             Ok(_) => {}

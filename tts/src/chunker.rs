@@ -183,9 +183,12 @@ fn boundaries(s: &str) -> Vec<(usize, Boundary)> {
         let kind = match c {
             '.' | '!' | '?' | '…' => Some(Boundary::Sentence),
             ',' | ';' | ':' => Some(Boundary::Clause),
+            // Cut after the blank line, not before it: a cut at its start would leave it at
+            // the head of the buffer, where it would be cut again at offset 0, forever.
             '\n' if chars.get(i + 1).is_some_and(|&(_, n)| n == '\n') => {
-                out.push((at, Boundary::Sentence));
-                None
+                out.push((at + 2, Boundary::Sentence));
+                i += 2;
+                continue;
             }
             _ => None,
         };
@@ -249,6 +252,20 @@ mod tests {
         }
         out.push(&text[start..]);
         out
+    }
+
+    #[test]
+    fn a_blank_line_ends_a_sentence_and_the_chunker_goes_on() {
+        let pieces = [
+            "The results of the patient's lab",
+            "\n\n",
+            "- hemoglobin",
+            " is normal",
+        ];
+        assert_eq!(
+            feed(&pieces, ChunkerConfig::default()),
+            ["The results of the patient's lab", "- hemoglobin is normal"]
+        );
     }
 
     #[test]

@@ -1,0 +1,1060 @@
+//! The SIP user agent's transactions and dialogs, sans-I/O: it is handed datagrams and the time,
+//! and hands back datagrams to send and call events. It never reads a clock or touches a socket,
+//! so the RFC 3261 timers are tested on a virtual clock.
+//!
+//! Scope: one dialog per Call-ID, over UDP. As a UAS it answers INVITE (100, then 180 and 200
+//! once the transport has a media port, or a final error), retransmits the final response until
+//! the ACK (timers G and H), and handles CANCEL, BYE, OPTIONS and re-INVITE (hold). As a UAC it
+//! sends INVITE (timers A and B), ACKs the final response and sends BYE (timers E and F).
+//! In-dialog requests go back to the address the peer's datagrams come from, not to its Contact:
+//! what NAT'ed phones need, and equal to the Contact on a LAN. Route sets are not kept (no
+//! proxies in the path yet).
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use super::message::{self, Malformed, Message, OutgoingRequest, StartLine, ALLOW};
+use super::sdp::{self, LocalMedia, RemoteMedia, SdpError};
+
+/// RFC 3261's round-trip estimate.
+pub const T1: Duration = Duration::from_millis(500);
+/// The longest retransmission interval of non-INVITE requests and INVITE responses.
+pub const T2: Duration = Duration::from_secs(4);
+/// Timers B, F and H: how long a transaction retransmits before giving up.
+pub const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(32);
+/// How long an outbound call may ring once the callee answered 1xx.
+pub const RING_TIMEOUT: Duration = Duration::from_secs(60);
+/// Seconds a caller refused for lack of sessions is asked to wait.
+pub const RETRY_AFTER_S: u32 = 5;
+/// Answers kept for BYEs of ended calls, so a retransmitted BYE gets 200, not 481. Policy when
+/// full: the answer is not kept (the peer sees a 481 for a BYE it already got answered).
+const ENDED_CAPACITY: usize = 1_024;
+
+pub type CallId = String;
+
+/// What the transport must do or know.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event {
+    Send {
+        to: SocketAddr,
+        data: Vec<u8>,
+    },
+    /// A new inbound call: answer with [`Endpoint::accept`] or [`Endpoint::reject`].
+    Incoming {
+        call: CallId,
+        remote: RemoteMedia,
+    },
+    /// Our outbound call was answered: media may start.
+    Answered {
+        call: CallId,
+        remote: RemoteMedia,
+    },
+    /// The peer changed the media (re-INVITE): hold, resume, another address.
+    MediaChanged {
+        call: CallId,
+        remote: RemoteMedia,
+    },
+    /// The call is over; stop its media and session.
+    Ended {
+        call: CallId,
+        reason: EndReason,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndReason {
+    /// The peer sent BYE.
+    RemoteBye,
+    /// We sent BYE.
+    LocalBye,
+    /// The caller cancelled before the answer.
+    Cancelled,
+    /// Our answer was never acknowledged (timer H).
+    NoAck,
+    /// The callee refused our call with this status.
+    Refused(u16),
+    /// The callee never answered (timer B or the ring timeout).
+    NoAnswer,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// UAS: 100 sent, waiting for the transport to accept or reject.
+    Offered,
+    /// UAS: a final response sent, retransmitted until the ACK.
+    Answered,
+    Rejected,
+    /// UAC: INVITE sent, no final response yet.
+    Calling,
+    Confirmed,
+    /// BYE sent, waiting for its answer.
+    Terminating,
+}
+
+/// A message that is sent again on a doubling interval until answered or given up.
+#[derive(Debug)]
+struct Retransmit {
+    data: Vec<u8>,
+    to: SocketAddr,
+    next: Option<Instant>,
+    interval: Duration,
+    /// INVITE requests keep doubling; everything else stops at T2.
+    cap: Option<Duration>,
+    give_up: Instant,
+}
+
+impl Retransmit {
+    fn new(now: Instant, data: Vec<u8>, to: SocketAddr, cap: Option<Duration>) -> Self {
+        Self {
+            data,
+            to,
+            next: Some(now + T1),
+            interval: T1,
+            cap,
+            give_up: now + TRANSACTION_TIMEOUT,
+        }
+    }
+
+    fn deadline(&self) -> Instant {
+        self.next.map_or(self.give_up, |n| n.min(self.give_up))
+    }
+}
+
+struct Call {
+    state: State,
+    /// Where the peer's signalling comes from; in-dialog requests go there.
+    peer: SocketAddr,
+    local_tag: String,
+    /// Our From (UAC) or To (UAS) value, with our tag.
+    local_party: String,
+    /// The other side's, with its tag once known.
+    remote_party: String,
+    remote_target: String,
+    local_cseq: u32,
+    /// The request the pending final response answers (UAS INVITE or re-INVITE).
+    invite: Option<Message>,
+    /// Our last response to that INVITE, for its retransmissions.
+    last_response: Option<Vec<u8>>,
+    /// Our pending final INVITE response (UAS) or request (UAC INVITE, BYE).
+    retransmit: Option<Retransmit>,
+    /// The branch and CSeq of our pending request.
+    request: Option<(String, u32)>,
+    local_media: LocalMedia,
+    remote: Option<RemoteMedia>,
+}
+
+/// Our own addresses, as written into headers and SDP.
+#[derive(Debug, Clone, Copy)]
+pub struct LocalAddresses {
+    pub sip: SocketAddr,
+    pub media_ip: IpAddr,
+}
+
+pub struct Endpoint {
+    local: LocalAddresses,
+    calls: HashMap<CallId, Call>,
+    /// Answers to BYEs of ended calls, until they expire.
+    ended: HashMap<CallId, (Vec<u8>, SocketAddr, Instant)>,
+    events: VecDeque<Event>,
+    /// Seed and counter for tags, branches and Call-IDs.
+    seed: u64,
+    counter: u64,
+}
+
+impl Endpoint {
+    /// `seed` makes our identifiers unique across processes (the transport passes entropy).
+    pub fn new(local: LocalAddresses, seed: u64) -> Self {
+        Self {
+            local,
+            calls: HashMap::new(),
+            ended: HashMap::new(),
+            events: VecDeque::new(),
+            seed,
+            counter: 0,
+        }
+    }
+
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    pub fn active_calls(&self) -> usize {
+        self.calls.len()
+    }
+
+    /// The next moment [`Endpoint::handle_timeout`] has work.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let calls = self.calls.values();
+        let retransmits = calls.filter_map(|c| c.retransmit.as_ref().map(Retransmit::deadline));
+        let expiries = self.ended.values().map(|(_, _, expiry)| *expiry);
+        retransmits.chain(expiries).min()
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.ended.retain(|_, (_, _, expiry)| *expiry > now);
+        let due: Vec<CallId> = self
+            .calls
+            .iter()
+            .filter(|(_, c)| c.retransmit.as_ref().is_some_and(|r| r.deadline() <= now))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in due {
+            self.retransmit_or_give_up(now, &id);
+        }
+    }
+
+    fn retransmit_or_give_up(&mut self, now: Instant, id: &str) {
+        let Some(call) = self.calls.get_mut(id) else {
+            return;
+        };
+        let Some(r) = call.retransmit.as_mut() else {
+            return;
+        };
+        if r.give_up <= now {
+            call.retransmit = None;
+            self.give_up(now, id);
+            return;
+        }
+        if r.next.is_some_and(|n| n <= now) {
+            r.interval = match r.cap {
+                Some(cap) => (r.interval * 2).min(cap),
+                None => r.interval * 2,
+            };
+            r.next = Some(now + r.interval);
+            let send = Event::Send {
+                to: r.to,
+                data: r.data.clone(),
+            };
+            self.events.push_back(send);
+        }
+    }
+
+    fn give_up(&mut self, now: Instant, id: &str) {
+        let Some(state) = self.calls.get(id).map(|c| c.state) else {
+            return;
+        };
+        match state {
+            // RFC 3261 13.3.1.4: no ACK for our 2xx ends the dialog with a BYE.
+            State::Answered => {
+                self.send_bye(now, id);
+                self.end(id, EndReason::NoAck);
+            }
+            State::Calling => {
+                self.calls.remove(id);
+                self.end(id, EndReason::NoAnswer);
+            }
+            State::Terminating | State::Rejected | State::Offered | State::Confirmed => {
+                self.calls.remove(id);
+            }
+        }
+    }
+
+    fn end(&mut self, id: &str, reason: EndReason) {
+        self.events.push_back(Event::Ended {
+            call: id.to_string(),
+            reason,
+        });
+    }
+
+    fn send(&mut self, to: SocketAddr, data: Vec<u8>) {
+        self.events.push_back(Event::Send { to, data });
+    }
+
+    fn next_id(&mut self) -> String {
+        self.counter += 1;
+        format!("{:016x}", splitmix64(self.seed ^ self.counter))
+    }
+
+    /// One datagram from `from`.
+    pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
+        match message::parse(datagram) {
+            Ok(m) => match m.start.clone() {
+                StartLine::Request { method, .. } => self.handle_request(now, from, &method, m),
+                StartLine::Response { code } => self.handle_response(now, from, code, m),
+            },
+            Err(Malformed::Answer { code, partial }) => {
+                tracing::info!(%from, code, "answered a malformed SIP request");
+                self.send(from, message::response(&partial, code, None, &[], None));
+            }
+            Err(Malformed::Drop) => {
+                tracing::debug!(%from, bytes = datagram.len(), "dropped an unparseable datagram");
+            }
+        }
+    }
+
+    fn handle_request(&mut self, now: Instant, from: SocketAddr, method: &str, m: Message) {
+        match method {
+            "INVITE" if m.to_tag().is_none() => self.handle_invite(now, from, m),
+            "INVITE" => self.handle_reinvite(now, from, m),
+            "ACK" => self.handle_ack(&m),
+            "CANCEL" => self.handle_cancel(now, from, &m),
+            "BYE" => self.handle_bye(now, from, &m),
+            "OPTIONS" => {
+                let headers = [
+                    ("Allow", ALLOW.to_string()),
+                    ("Accept", "application/sdp".into()),
+                ];
+                let tag = self.next_id();
+                self.send(from, message::response(&m, 200, Some(&tag), &headers, None));
+            }
+            _ => {
+                let headers = [("Allow", ALLOW.to_string())];
+                self.send(from, message::response(&m, 405, None, &headers, None));
+            }
+        }
+    }
+
+    fn handle_invite(&mut self, now: Instant, from: SocketAddr, m: Message) {
+        if let Some(call) = self.calls.get(&m.call_id) {
+            // A retransmitted INVITE: repeat whatever we last answered.
+            if let Some(last) = call.last_response.clone() {
+                self.send(from, last);
+            }
+            return;
+        }
+        let local_tag = self.next_id();
+        let remote = match sdp::negotiate(&m.body) {
+            Ok(remote) => remote,
+            Err(e) => return self.refuse_offer(now, from, m, local_tag, e),
+        };
+        let trying = message::response(&m, 100, None, &[], None);
+        self.send(from, trying.clone());
+        let call = Call {
+            state: State::Offered,
+            peer: from,
+            local_party: format!("{};tag={local_tag}", m.to),
+            local_tag,
+            remote_party: m.from.clone(),
+            remote_target: m.contact_uri().unwrap_or_default().to_string(),
+            local_cseq: 0,
+            last_response: Some(trying),
+            retransmit: None,
+            request: None,
+            local_media: self.local_media(0),
+            remote: Some(remote.clone()),
+            invite: Some(m.clone()),
+        };
+        self.calls.insert(m.call_id.clone(), call);
+        self.events.push_back(Event::Incoming {
+            call: m.call_id,
+            remote,
+        });
+    }
+
+    fn local_media(&mut self, port: u16) -> LocalMedia {
+        LocalMedia {
+            ip: self.local.media_ip,
+            port,
+            version: 1,
+            session_id: splitmix64(self.seed ^ self.counter) >> 12,
+        }
+    }
+
+    /// An offer we cannot take: 488, retransmitted until the ACK like any final response.
+    fn refuse_offer(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        m: Message,
+        local_tag: String,
+        error: SdpError,
+    ) {
+        tracing::info!(%from, "refused an INVITE: {error}");
+        let response = message::response(&m, 488, Some(&local_tag), &[], None);
+        self.send(from, response.clone());
+        let call = Call {
+            state: State::Rejected,
+            peer: from,
+            local_party: m.to.clone(),
+            local_tag,
+            remote_party: m.from.clone(),
+            remote_target: String::new(),
+            local_cseq: 0,
+            last_response: Some(response.clone()),
+            retransmit: Some(Retransmit::new(now, response, from, Some(T2))),
+            request: None,
+            local_media: self.local_media(0),
+            remote: None,
+            invite: None,
+        };
+        self.calls.insert(m.call_id, call);
+    }
+
+    /// Answers an offered call with our media on `media_port`: 180, then 200 with the SDP.
+    pub fn accept(&mut self, now: Instant, id: &str, media_port: u16) {
+        let contact = self.contact();
+        let Some(call) = self.calls.get_mut(id) else {
+            return;
+        };
+        let (Some(invite), Some(remote)) = (call.invite.as_ref(), call.remote.as_ref()) else {
+            return;
+        };
+        if call.state != State::Offered {
+            return;
+        }
+        call.local_media.port = media_port;
+        let tag = call.local_tag.clone();
+        let contact_header = [("Contact", format!("<{contact}>"))];
+        let ringing = message::response(invite, 180, Some(&tag), &contact_header, None);
+        let answer = sdp::answer(&call.local_media, remote);
+        let ok = message::response(
+            invite,
+            200,
+            Some(&tag),
+            &[contact_header[0].clone(), ("Allow", ALLOW.to_string())],
+            Some(&answer),
+        );
+        call.state = State::Answered;
+        call.last_response = Some(ok.clone());
+        call.retransmit = Some(Retransmit::new(now, ok.clone(), call.peer, Some(T2)));
+        let peer = call.peer;
+        self.send(peer, ringing);
+        self.send(peer, ok);
+    }
+
+    /// Refuses an offered call: 503 with Retry-After when `busy` (no session slot), else 486.
+    pub fn reject(&mut self, now: Instant, id: &str, busy: bool) {
+        let Some(call) = self.calls.get_mut(id) else {
+            return;
+        };
+        let Some(invite) = call.invite.as_ref() else {
+            return;
+        };
+        if call.state != State::Offered {
+            return;
+        }
+        let response = if busy {
+            let retry = [("Retry-After", RETRY_AFTER_S.to_string())];
+            message::response(invite, 503, Some(&call.local_tag), &retry, None)
+        } else {
+            message::response(invite, 486, Some(&call.local_tag), &[], None)
+        };
+        call.state = State::Rejected;
+        call.last_response = Some(response.clone());
+        call.retransmit = Some(Retransmit::new(now, response.clone(), call.peer, Some(T2)));
+        let peer = call.peer;
+        self.send(peer, response);
+    }
+
+    fn handle_reinvite(&mut self, now: Instant, from: SocketAddr, m: Message) {
+        let Some(call) = self.calls.get_mut(&m.call_id) else {
+            self.send(from, message::response(&m, 481, None, &[], None));
+            return;
+        };
+        if call.state == State::Answered && call.invite.as_ref().is_some_and(|i| i.cseq == m.cseq) {
+            // A retransmission of the re-INVITE we are already answering.
+            if let Some(last) = call.last_response.clone() {
+                self.send(from, last);
+            }
+            return;
+        }
+        if call.state != State::Confirmed || call.retransmit.is_some() {
+            // RFC 3261 14.2: an INVITE while one is pending gets 491.
+            self.send(from, message::response(&m, 491, None, &[], None));
+            return;
+        }
+        let remote = match sdp::negotiate(&m.body) {
+            Ok(remote) => remote,
+            Err(e) => {
+                tracing::info!(%from, "refused a re-INVITE: {e}");
+                self.send(from, message::response(&m, 488, None, &[], None));
+                return;
+            }
+        };
+        call.local_media.version += 1;
+        let answer = sdp::answer(&call.local_media, &remote);
+        let contact = format!("<{}>", contact_of(&self.local));
+        let ok = message::response(&m, 200, None, &[("Contact", contact)], Some(&answer));
+        call.state = State::Answered;
+        call.remote = Some(remote.clone());
+        call.invite = Some(m.clone());
+        call.last_response = Some(ok.clone());
+        call.retransmit = Some(Retransmit::new(now, ok.clone(), from, Some(T2)));
+        self.send(from, ok);
+        self.events.push_back(Event::MediaChanged {
+            call: m.call_id,
+            remote,
+        });
+    }
+
+    fn handle_ack(&mut self, m: &Message) {
+        let Some(call) = self.calls.get_mut(&m.call_id) else {
+            return;
+        };
+        match call.state {
+            State::Answered => {
+                call.state = State::Confirmed;
+                call.retransmit = None;
+            }
+            State::Rejected => {
+                self.calls.remove(&m.call_id);
+            }
+            _ => {}
+        }
+    }
+
+    fn handle_cancel(&mut self, now: Instant, from: SocketAddr, m: &Message) {
+        let Some(call) = self.calls.get_mut(&m.call_id) else {
+            self.send(from, message::response(m, 481, None, &[], None));
+            return;
+        };
+        let ok = message::response(m, 200, Some(&call.local_tag), &[], None);
+        if call.state != State::Offered {
+            // Too late: the call was answered (the caller will BYE) or already refused.
+            self.send(from, ok);
+            return;
+        }
+        let Some(invite) = call.invite.as_ref() else {
+            return;
+        };
+        let terminated = message::response(invite, 487, Some(&call.local_tag), &[], None);
+        call.state = State::Rejected;
+        call.last_response = Some(terminated.clone());
+        // The 487 is retransmitted like any final INVITE response; the ACK ends it.
+        call.retransmit = Some(Retransmit::new(
+            now,
+            terminated.clone(),
+            call.peer,
+            Some(T2),
+        ));
+        let peer = call.peer;
+        self.send(from, ok);
+        self.send(peer, terminated);
+        self.end(&m.call_id, EndReason::Cancelled);
+    }
+
+    fn handle_bye(&mut self, now: Instant, from: SocketAddr, m: &Message) {
+        if let Some((answer, _, _)) = self.ended.get(&m.call_id) {
+            let answer = answer.clone();
+            self.send(from, answer);
+            return;
+        }
+        let Some(call) = self.calls.remove(&m.call_id) else {
+            self.send(from, message::response(m, 481, None, &[], None));
+            return;
+        };
+        let ok = message::response(m, 200, None, &[], None);
+        if self.ended.len() < ENDED_CAPACITY {
+            self.ended.insert(
+                m.call_id.clone(),
+                (ok.clone(), from, now + TRANSACTION_TIMEOUT),
+            );
+        }
+        self.send(from, ok);
+        if call.state != State::Terminating {
+            self.end(&m.call_id, EndReason::RemoteBye);
+        }
+    }
+
+    fn handle_response(&mut self, now: Instant, from: SocketAddr, code: u16, m: Message) {
+        let Some(call) = self.calls.get_mut(&m.call_id) else {
+            return;
+        };
+        let ours = call
+            .request
+            .as_ref()
+            .is_some_and(|(_, cseq)| *cseq == m.cseq);
+        // A 2xx to our INVITE comes again until our ACK gets through: ACK it again.
+        let retransmitted_ok =
+            m.cseq_method == "INVITE" && code >= 200 && call.state == State::Confirmed;
+        if !ours && !retransmitted_ok {
+            return;
+        }
+        match (m.cseq_method.as_str(), call.state) {
+            ("BYE", State::Terminating) if code >= 200 => {
+                self.calls.remove(&m.call_id);
+            }
+            ("INVITE", State::Calling) if code < 200 => {
+                // Provisional: stop retransmitting, wait for the final answer a while.
+                if let Some(r) = call.retransmit.as_mut() {
+                    r.next = None;
+                    r.give_up = now + RING_TIMEOUT;
+                }
+            }
+            ("INVITE", State::Calling | State::Confirmed) if code < 300 => {
+                self.handle_invite_ok(now, from, m)
+            }
+            ("INVITE", State::Calling) => {
+                let ack = self.ack_for_failure(&m);
+                self.calls.remove(&m.call_id);
+                self.send(from, ack);
+                self.end(&m.call_id, EndReason::Refused(code));
+            }
+            _ => {}
+        }
+    }
+
+    /// A 2xx to our INVITE (or its retransmission): ACK it; the first time, media may start.
+    fn handle_invite_ok(&mut self, now: Instant, from: SocketAddr, m: Message) {
+        let local = self.local;
+        let branch = self.next_id();
+        let Some(call) = self.calls.get_mut(&m.call_id) else {
+            return;
+        };
+        call.remote_party = m.to.clone();
+        if let Some(target) = m.contact_uri() {
+            call.remote_target = target.to_string();
+        }
+        call.peer = from;
+        let ack = OutgoingRequest {
+            method: "ACK",
+            uri: &call.remote_target,
+            via: via(&local, &branch),
+            from: &call.local_party,
+            to: &call.remote_party,
+            call_id: &m.call_id,
+            cseq: m.cseq,
+            contact: None,
+            body: None,
+        }
+        .to_bytes();
+        let first = call.state == State::Calling;
+        call.state = State::Confirmed;
+        call.retransmit = None;
+        call.request = None;
+        let remote = sdp::negotiate(&m.body);
+        self.send(from, ack);
+        if !first {
+            return;
+        }
+        match remote {
+            Ok(remote) => self.events.push_back(Event::Answered {
+                call: m.call_id,
+                remote,
+            }),
+            Err(e) => {
+                tracing::info!("the callee's answer is not usable: {e}");
+                self.send_bye(now, &m.call_id);
+                self.end(&m.call_id, EndReason::Refused(488));
+            }
+        }
+    }
+
+    /// The ACK of a non-2xx final response: same branch as the INVITE (RFC 3261 17.1.1.3).
+    fn ack_for_failure(&self, response: &Message) -> Vec<u8> {
+        let Some(call) = self.calls.get(&response.call_id) else {
+            return Vec::new();
+        };
+        let branch = call.request.as_ref().map_or("", |(b, _)| b.as_str());
+        OutgoingRequest {
+            method: "ACK",
+            uri: &call.remote_target,
+            via: via(&self.local, branch),
+            from: &call.local_party,
+            to: &response.to,
+            call_id: &response.call_id,
+            cseq: response.cseq,
+            contact: None,
+            body: None,
+        }
+        .to_bytes()
+    }
+
+    /// Starts an outbound call to `uri` (`sip:user@host:port`) at `peer`, offering media on
+    /// `media_port`. Returns its Call-ID; [`Event::Answered`] or [`Event::Ended`] follow.
+    pub fn call(&mut self, now: Instant, uri: &str, peer: SocketAddr, media_port: u16) -> CallId {
+        let call_id = format!("{}@talkline", self.next_id());
+        let local_tag = self.next_id();
+        let branch = self.next_id();
+        let local_party = format!("<sip:talkline@{}>;tag={local_tag}", self.local.sip);
+        let remote_party = format!("<{uri}>");
+        let mut local_media = self.local_media(media_port);
+        local_media.port = media_port;
+        let offer = sdp::offer(&local_media);
+        let contact = self.contact();
+        let invite = OutgoingRequest {
+            method: "INVITE",
+            uri,
+            via: via(&self.local, &branch),
+            from: &local_party,
+            to: &remote_party,
+            call_id: &call_id,
+            cseq: 1,
+            contact: Some(&contact),
+            body: Some(&offer),
+        }
+        .to_bytes();
+        let call = Call {
+            state: State::Calling,
+            peer,
+            local_tag,
+            local_party,
+            remote_party,
+            remote_target: uri.to_string(),
+            local_cseq: 1,
+            invite: None,
+            last_response: None,
+            retransmit: Some(Retransmit::new(now, invite.clone(), peer, None)),
+            request: Some((branch, 1)),
+            local_media,
+            remote: None,
+        };
+        self.calls.insert(call_id.clone(), call);
+        self.send(peer, invite);
+        call_id
+    }
+
+    /// We end the call (the session ended, media timed out): BYE once the dialog exists,
+    /// a refusal while it is still offered.
+    pub fn hang_up(&mut self, now: Instant, id: &str) {
+        let Some(state) = self.calls.get(id).map(|c| c.state) else {
+            return;
+        };
+        match state {
+            State::Offered => self.reject(now, id, false),
+            State::Answered | State::Confirmed => {
+                self.send_bye(now, id);
+                self.end(id, EndReason::LocalBye);
+            }
+            State::Calling => {
+                // Not answered yet: forget it; a late 2xx finds no call and is ignored.
+                self.calls.remove(id);
+                self.end(id, EndReason::LocalBye);
+            }
+            State::Rejected | State::Terminating => {}
+        }
+    }
+
+    fn send_bye(&mut self, now: Instant, id: &str) {
+        let local = self.local;
+        let branch = self.next_id();
+        let Some(call) = self.calls.get_mut(id) else {
+            return;
+        };
+        call.local_cseq += 1;
+        let bye = OutgoingRequest {
+            method: "BYE",
+            uri: &call.remote_target,
+            via: via(&local, &branch),
+            from: &call.local_party,
+            to: &call.remote_party,
+            call_id: id,
+            cseq: call.local_cseq,
+            contact: None,
+            body: None,
+        }
+        .to_bytes();
+        call.state = State::Terminating;
+        call.request = Some((branch, call.local_cseq));
+        call.retransmit = Some(Retransmit::new(now, bye.clone(), call.peer, Some(T2)));
+        let peer = call.peer;
+        self.send(peer, bye);
+    }
+
+    fn contact(&self) -> String {
+        contact_of(&self.local)
+    }
+}
+
+fn contact_of(local: &LocalAddresses) -> String {
+    format!("sip:talkline@{}", local.sip)
+}
+
+fn via(local: &LocalAddresses, branch: &str) -> String {
+    format!("SIP/2.0/UDP {};branch=z9hG4bK{branch};rport", local.sip)
+}
+
+/// A well-mixed 64-bit hash (Steele et al.'s SplitMix64): unique-looking identifiers from a
+/// seed and a counter.
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PEER: &str = "127.0.0.1:5070";
+    const OFFER: &str = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n\
+        m=audio 40000 RTP/AVP 0 101\r\na=rtpmap:101 telephone-event/8000\r\n";
+
+    fn endpoint() -> Endpoint {
+        let local = LocalAddresses {
+            sip: "127.0.0.1:5060".parse().expect("literal"),
+            media_ip: "127.0.0.1".parse().expect("literal"),
+        };
+        Endpoint::new(local, 42)
+    }
+
+    fn peer() -> SocketAddr {
+        PEER.parse().expect("literal")
+    }
+
+    fn request(method: &str, cseq: u32, to_tag: Option<&str>, body: &str) -> Vec<u8> {
+        let to = match to_tag {
+            Some(tag) => format!("<sip:agent@127.0.0.1>;tag={tag}"),
+            None => "<sip:agent@127.0.0.1>".to_string(),
+        };
+        let content_type = if body.is_empty() {
+            ""
+        } else {
+            "Content-Type: application/sdp\r\n"
+        };
+        format!(
+            "{method} sip:agent@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP {PEER};branch=z9hG4bK-{cseq}\r\n\
+             Max-Forwards: 70\r\nFrom: <sip:patient@127.0.0.1>;tag=p1\r\nTo: {to}\r\n\
+             Call-ID: c1\r\nCSeq: {cseq} {method}\r\nContact: <sip:patient@{PEER}>\r\n\
+             {content_type}Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes()
+    }
+
+    /// Every event so far, with sent datagrams reduced to their first line.
+    fn drain(e: &mut Endpoint) -> Vec<String> {
+        std::iter::from_fn(|| e.poll_event())
+            .map(|event| match event {
+                Event::Send { data, .. } => String::from_utf8_lossy(&data)
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .to_string(),
+                other => format!("{other:?}")
+                    .split(' ')
+                    .next()
+                    .unwrap_or_default()
+                    .to_string(),
+            })
+            .collect()
+    }
+
+    fn sent(e: &mut Endpoint) -> Vec<Vec<u8>> {
+        std::iter::from_fn(|| e.poll_event())
+            .filter_map(|event| match event {
+                Event::Send { data, .. } => Some(data),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Sends an INVITE and accepts it; returns our To tag.
+    fn answered_call(e: &mut Endpoint, t0: Instant) -> String {
+        e.handle_datagram(t0, peer(), &request("INVITE", 1, None, OFFER));
+        assert_eq!(drain(e), ["SIP/2.0 100 Trying", "Incoming"]);
+        e.accept(t0, "c1", 30_000);
+        let responses = sent(e);
+        assert_eq!(responses.len(), 2);
+        let ok = message::parse(&responses[1]).expect("our 200 parses");
+        assert_eq!(ok.code(), Some(200));
+        assert!(String::from_utf8_lossy(&ok.body).contains("m=audio 30000 RTP/AVP 0 101"));
+        ok.to_tag().expect("a To tag").to_string()
+    }
+
+    #[test]
+    fn an_answered_invite_retransmits_its_200_on_timer_g_until_the_ack() {
+        let mut e = endpoint();
+        let t0 = Instant::now();
+        let tag = answered_call(&mut e, t0);
+        // Timer G: T1, 2*T1, 4*T1, then capped at T2.
+        let mut at = t0;
+        for interval in [500, 1_000, 2_000, 4_000, 4_000] {
+            at += Duration::from_millis(interval);
+            assert_eq!(e.poll_timeout(), Some(at));
+            e.handle_timeout(at);
+            assert_eq!(drain(&mut e), ["SIP/2.0 200 OK"]);
+        }
+        e.handle_datagram(at, peer(), &request("ACK", 1, Some(&tag), ""));
+        assert_eq!(e.poll_timeout(), None);
+        assert!(drain(&mut e).is_empty());
+    }
+
+    #[test]
+    fn no_ack_by_timer_h_ends_the_call_with_a_bye() {
+        let mut e = endpoint();
+        let t0 = Instant::now();
+        answered_call(&mut e, t0);
+        e.handle_timeout(t0 + TRANSACTION_TIMEOUT);
+        let events = drain(&mut e);
+        assert!(
+            events
+                .iter()
+                .any(|l| l.starts_with("BYE sip:patient@127.0.0.1:5070")),
+            "{events:?}"
+        );
+        assert_eq!(events.last().map(String::as_str), Some("Ended"));
+    }
+
+    #[test]
+    fn a_retransmitted_invite_gets_the_same_answer_again() {
+        let mut e = endpoint();
+        let t0 = Instant::now();
+        answered_call(&mut e, t0);
+        e.handle_datagram(t0, peer(), &request("INVITE", 1, None, OFFER));
+        assert_eq!(drain(&mut e), ["SIP/2.0 200 OK"]);
+    }
+
+    #[test]
+    fn bye_ends_the_call_and_its_retransmission_is_answered_again() {
+        let mut e = endpoint();
+        let t0 = Instant::now();
+        let tag = answered_call(&mut e, t0);
+        e.handle_datagram(t0, peer(), &request("ACK", 1, Some(&tag), ""));
+        e.handle_datagram(t0, peer(), &request("BYE", 2, Some(&tag), ""));
+        assert_eq!(drain(&mut e), ["SIP/2.0 200 OK", "Ended"]);
+        e.handle_datagram(t0, peer(), &request("BYE", 2, Some(&tag), ""));
+        assert_eq!(drain(&mut e), ["SIP/2.0 200 OK"]);
+        e.handle_timeout(t0 + TRANSACTION_TIMEOUT);
+        e.handle_datagram(t0, peer(), &request("BYE", 2, Some(&tag), ""));
+        assert_eq!(
+            drain(&mut e),
+            ["SIP/2.0 481 Call/Transaction Does Not Exist"]
+        );
+        assert_eq!(e.active_calls(), 0);
+    }
+
+    #[test]
+    fn cancel_before_the_answer_gets_200_and_the_invite_487() {
+        let mut e = endpoint();
+        let t0 = Instant::now();
+        e.handle_datagram(t0, peer(), &request("INVITE", 1, None, OFFER));
+        drain(&mut e);
+        e.handle_datagram(t0, peer(), &request("CANCEL", 1, None, ""));
+        assert_eq!(
+            drain(&mut e),
+            ["SIP/2.0 200 OK", "SIP/2.0 487 Request Terminated", "Ended"]
+        );
+        // Accepting afterwards does nothing; the ACK for the 487 clears the call.
+        e.accept(t0, "c1", 30_000);
+        assert!(drain(&mut e).is_empty());
+        e.handle_datagram(t0, peer(), &request("ACK", 1, None, ""));
+        assert_eq!(e.active_calls(), 0);
+    }
+
+    #[test]
+    fn a_full_server_answers_503_with_retry_after() {
+        let mut e = endpoint();
+        let t0 = Instant::now();
+        e.handle_datagram(t0, peer(), &request("INVITE", 1, None, OFFER));
+        drain(&mut e);
+        e.reject(t0, "c1", true);
+        let responses = sent(&mut e);
+        let text = String::from_utf8_lossy(&responses[0]);
+        assert!(
+            text.starts_with("SIP/2.0 503 Service Unavailable\r\n"),
+            "{text}"
+        );
+        assert!(text.contains(&format!("Retry-After: {RETRY_AFTER_S}\r\n")));
+    }
+
+    #[test]
+    fn an_offer_without_g711_gets_488() {
+        let mut e = endpoint();
+        let opus = OFFER.replace("RTP/AVP 0 101", "RTP/AVP 111");
+        e.handle_datagram(Instant::now(), peer(), &request("INVITE", 1, None, &opus));
+        assert_eq!(drain(&mut e), ["SIP/2.0 488 Not Acceptable Here"]);
+    }
+
+    #[test]
+    fn options_unknown_methods_and_malformed_requests_are_answered() {
+        let mut e = endpoint();
+        let t0 = Instant::now();
+        e.handle_datagram(t0, peer(), &request("OPTIONS", 1, None, ""));
+        assert_eq!(drain(&mut e), ["SIP/2.0 200 OK"]);
+        e.handle_datagram(t0, peer(), &request("MESSAGE", 2, None, ""));
+        assert_eq!(drain(&mut e), ["SIP/2.0 405 Method Not Allowed"]);
+        e.handle_datagram(t0, peer(), &request("FROBNICATE", 3, None, ""));
+        assert_eq!(drain(&mut e), ["SIP/2.0 501 Not Implemented"]);
+        e.handle_datagram(t0, peer(), b"\x16\x03\x01 not sip at all");
+        assert!(drain(&mut e).is_empty());
+        let no_call_id = String::from_utf8_lossy(&request("OPTIONS", 4, None, ""))
+            .replace("Call-ID: c1\r\n", "");
+        e.handle_datagram(t0, peer(), no_call_id.as_bytes());
+        assert_eq!(drain(&mut e), ["SIP/2.0 400 Bad Request"]);
+    }
+
+    #[test]
+    fn a_hold_reinvite_is_answered_recvonly_and_reported() {
+        let mut e = endpoint();
+        let t0 = Instant::now();
+        let tag = answered_call(&mut e, t0);
+        e.handle_datagram(t0, peer(), &request("ACK", 1, Some(&tag), ""));
+        let hold = format!("{OFFER}a=sendonly\r\n");
+        e.handle_datagram(t0, peer(), &request("INVITE", 2, Some(&tag), &hold));
+        let events: Vec<Event> = std::iter::from_fn(|| e.poll_event()).collect();
+        let Event::Send { data, .. } = &events[0] else {
+            panic!("expected the 200 first: {events:?}");
+        };
+        let ok = String::from_utf8_lossy(data);
+        assert!(
+            ok.starts_with("SIP/2.0 200 OK") && ok.contains("a=recvonly"),
+            "{ok}"
+        );
+        assert!(
+            ok.contains("o=talkline") && ok.contains(" 2 IN IP4"),
+            "version 2: {ok}"
+        );
+        match &events[1] {
+            Event::MediaChanged { remote, .. } => assert!(!remote.peer_receives()),
+            other => panic!("expected MediaChanged, got {other:?}"),
+        }
+        e.handle_datagram(t0, peer(), &request("ACK", 2, Some(&tag), ""));
+        assert_eq!(e.poll_timeout(), None);
+    }
+
+    #[test]
+    fn our_bye_retransmits_on_timer_e_until_answered() {
+        let mut e = endpoint();
+        let t0 = Instant::now();
+        let tag = answered_call(&mut e, t0);
+        e.handle_datagram(t0, peer(), &request("ACK", 1, Some(&tag), ""));
+        e.hang_up(t0, "c1");
+        let first = sent(&mut e);
+        assert_eq!(first.len(), 1);
+        e.handle_timeout(t0 + T1);
+        let again = sent(&mut e);
+        assert_eq!(again, first, "the same BYE again");
+        let bye = message::parse(&first[0]).expect("our BYE parses");
+        let answer = message::response(&bye, 200, None, &[], None);
+        e.handle_datagram(t0 + T1, peer(), &answer);
+        assert_eq!(e.active_calls(), 0);
+        assert_eq!(e.poll_timeout(), None);
+    }
+
+    #[test]
+    fn an_outbound_call_retransmits_its_invite_until_ringing_then_acks_the_200() {
+        let mut e = endpoint();
+        let t0 = Instant::now();
+        let id = e.call(t0, "sip:patient@127.0.0.1:5070", peer(), 30_002);
+        let invite = sent(&mut e).remove(0);
+        let invite = message::parse(&invite).expect("our INVITE parses");
+        assert!(String::from_utf8_lossy(&invite.body).contains("m=audio 30002 RTP/AVP 0 8 101"));
+        // Timer A doubles without a cap.
+        e.handle_timeout(t0 + T1);
+        e.handle_timeout(t0 + T1 * 3);
+        assert_eq!(sent(&mut e).len(), 2);
+        let ringing = message::response(&invite, 180, Some("callee"), &[], None);
+        e.handle_datagram(t0 + T1 * 3, peer(), &ringing);
+        e.handle_timeout(t0 + T1 * 7);
+        assert!(sent(&mut e).is_empty());
+        let contact = [("Contact", format!("<sip:patient@{PEER}>"))];
+        let ok = message::response(&invite, 200, Some("callee"), &contact, Some(OFFER));
+        e.handle_datagram(t0 + T1 * 8, peer(), &ok);
+        let events: Vec<Event> = std::iter::from_fn(|| e.poll_event()).collect();
+        let Event::Send { data, .. } = &events[0] else {
+            panic!("expected the ACK: {events:?}");
+        };
+        assert!(String::from_utf8_lossy(data).starts_with("ACK sip:patient@127.0.0.1:5070 SIP/2.0"));
+        assert!(matches!(&events[1], Event::Answered { call, .. } if *call == id));
+        // A retransmitted 200 is ACKed again, without a second Answered.
+        e.handle_datagram(t0 + T1 * 9, peer(), &ok);
+        assert_eq!(drain(&mut e).len(), 1);
+    }
+
+    #[test]
+    fn a_refused_outbound_call_is_acked_and_ends() {
+        let mut e = endpoint();
+        let t0 = Instant::now();
+        e.call(t0, "sip:patient@127.0.0.1:5070", peer(), 30_002);
+        let invite = message::parse(&sent(&mut e)[0]).expect("our INVITE parses");
+        let busy = message::response(&invite, 486, Some("callee"), &[], None);
+        e.handle_datagram(t0, peer(), &busy);
+        let events = drain(&mut e);
+        assert_eq!(events[0], "ACK sip:patient@127.0.0.1:5070 SIP/2.0");
+        assert_eq!(events[1], "Ended");
+        assert_eq!(e.active_calls(), 0);
+    }
+}

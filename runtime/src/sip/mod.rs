@@ -1,0 +1,423 @@
+//! The SIP/RTP telephony transport: phones and PBXs call the agent (`talkline serve
+//! --sip-listen`), and the agent calls patients (`talkline call sip:user@host:port`).
+//!
+//! Layers: [`message`] (rsip parsing, our message text), [`endpoint`] (transactions and dialogs,
+//! sans-I/O), [`sdp`] (G.711 offer/answer), [`rtp`] and [`g711`] (packets, DTMF, codecs), and
+//! [`media`] (one call's RTP socket and session). This file is the I/O: one UDP socket for
+//! signalling, a socket per call for RTP, session slots shared with the other transports.
+
+pub mod endpoint;
+pub mod g711;
+pub mod media;
+pub mod message;
+pub mod rtp;
+pub mod sdp;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use endpoint::{CallId, EndReason, Endpoint, Event, LocalAddresses};
+use media::MediaEnd;
+use sdp::RemoteMedia;
+
+use crate::session::Shared;
+
+/// `talkline serve`'s SIP options.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SipArgs {
+    /// Also take phone calls over SIP (UDP) on this address, e.g. 127.0.0.1:5060.
+    #[arg(long)]
+    pub sip_listen: Option<SocketAddr>,
+    /// The address written into SDP for RTP. Default: the SIP address's IP (or 127.0.0.1 when
+    /// that is unspecified).
+    #[arg(long)]
+    pub sip_media_ip: Option<IpAddr>,
+    /// Seconds without RTP from the caller before the call is hung up (BYE).
+    #[arg(long, default_value_t = 30.0)]
+    pub sip_media_timeout: f64,
+}
+
+/// `talkline call`'s arguments.
+#[derive(Debug, clap::Args)]
+pub struct CallArgs {
+    /// Who to call: sip:user@host[:port] (the host must be an IP address or resolvable name).
+    pub uri: String,
+    /// Local SIP address to send from (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub sip_listen: SocketAddr,
+    /// Seconds without RTP from the callee before the call is hung up.
+    #[arg(long, default_value_t = 30.0)]
+    pub media_timeout: f64,
+    /// Most tokens in one reply. Default: `[agent] max_reply_tokens`.
+    #[arg(long)]
+    pub max_tokens: Option<usize>,
+}
+
+/// Session slots shared with the other transports: `reserve` numbers a session or refuses
+/// (server full), `release` gives the slot back.
+#[derive(Clone)]
+pub struct Slots {
+    pub reserve: Arc<dyn Fn() -> Option<u64> + Send + Sync>,
+    pub release: Arc<dyn Fn() + Send + Sync>,
+}
+
+/// Commands from calls' media tasks to the signalling loop. Capacity: one per call at most is
+/// ever in flight, so the queue never fills in practice; senders wait when it does.
+const COMMAND_QUEUE: usize = 64;
+/// How long hanging up at shutdown waits for the BYEs to be answered.
+const BYE_LINGER: Duration = Duration::from_secs(2);
+/// The signalling socket's read buffer.
+const RECV_BUFFER: usize = message::MAX_DATAGRAM;
+
+enum Command {
+    /// The call's media ended on its own: hang up.
+    MediaEnded(CallId, MediaEnd),
+}
+
+/// One call in progress, as the I/O layer holds it.
+struct CallHandle {
+    cancel: CancellationToken,
+    remote: watch::Sender<RemoteMedia>,
+}
+
+/// The SIP user agent's I/O: the signalling socket around the sans-I/O [`Endpoint`].
+pub struct Ua {
+    socket: Arc<UdpSocket>,
+    endpoint: Endpoint,
+    shared: Arc<Shared>,
+    slots: Slots,
+    media_ip: IpAddr,
+    media_timeout: Duration,
+    calls: HashMap<CallId, CallHandle>,
+    commands_tx: mpsc::Sender<Command>,
+    commands_rx: mpsc::Receiver<Command>,
+    tasks: TaskTracker,
+    /// Calls ended so far, for `talkline call` to know when to stop.
+    ended: Vec<(CallId, EndReason)>,
+}
+
+impl Ua {
+    pub async fn bind(
+        listen: SocketAddr,
+        media_ip: Option<IpAddr>,
+        media_timeout: Duration,
+        shared: Arc<Shared>,
+        slots: Slots,
+    ) -> anyhow::Result<Self> {
+        let socket = UdpSocket::bind(listen)
+            .await
+            .with_context(|| format!("binding SIP on udp {listen}"))?;
+        let sip = socket.local_addr()?;
+        let media_ip = media_ip.unwrap_or(if sip.ip().is_unspecified() {
+            IpAddr::from([127, 0, 0, 1])
+        } else {
+            sip.ip()
+        });
+        let local = LocalAddresses {
+            sip: SocketAddr::new(media_ip, sip.port()),
+            media_ip,
+        };
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0)
+            ^ ((std::process::id() as u64) << 32);
+        let (commands_tx, commands_rx) = mpsc::channel(COMMAND_QUEUE);
+        Ok(Self {
+            socket: Arc::new(socket),
+            endpoint: Endpoint::new(local, seed),
+            shared,
+            slots,
+            media_ip,
+            media_timeout,
+            calls: HashMap::new(),
+            commands_tx,
+            commands_rx,
+            tasks: TaskTracker::new(),
+            ended: Vec::new(),
+        })
+    }
+
+    pub fn local_addr(&self) -> anyhow::Result<SocketAddr> {
+        Ok(self.socket.local_addr()?)
+    }
+
+    /// Serves until `shutdown`; then hangs up every call and waits for their tasks.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        self.run_until(&shutdown, |_| false).await;
+        self.finish().await;
+    }
+
+    /// Hangs up every call, waits a little for the BYEs' answers, then for every task.
+    async fn finish(&mut self) {
+        let now = Instant::now();
+        let ids: Vec<CallId> = self.calls.keys().cloned().collect();
+        for id in ids {
+            self.endpoint.hang_up(now, &id);
+        }
+        self.handle_events().await;
+        let linger = CancellationToken::new();
+        let timer = linger.clone();
+        let waiter = tokio::spawn(async move {
+            tokio::time::sleep(BYE_LINGER).await;
+            timer.cancel();
+        });
+        self.run_until(&linger, |ua| ua.endpoint.active_calls() == 0)
+            .await;
+        waiter.abort();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+
+    /// The signalling loop, until `shutdown` or `done` says so.
+    async fn run_until(&mut self, shutdown: &CancellationToken, done: impl Fn(&Self) -> bool) {
+        let mut buf = vec![0u8; RECV_BUFFER];
+        while !done(self) {
+            let wake = self
+                .endpoint
+                .poll_timeout()
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                received = self.socket.recv_from(&mut buf) => match received {
+                    Ok((n, from)) => self.endpoint.handle_datagram(Instant::now(), from, &buf[..n]),
+                    // ICMP port unreachable from an earlier send surfaces here on Linux.
+                    Err(e) => tracing::debug!("SIP receive: {e}"),
+                },
+                Some(command) = self.commands_rx.recv() => self.handle_command(command),
+                _ = tokio::time::sleep_until(wake.into()) => self.endpoint.handle_timeout(Instant::now()),
+            }
+            self.handle_events().await;
+        }
+    }
+
+    fn handle_command(&mut self, command: Command) {
+        match command {
+            Command::MediaEnded(id, why) => {
+                if why != MediaEnd::Cancelled {
+                    tracing::info!(call = %id, "media ended ({why:?}): hanging up");
+                }
+                self.endpoint.hang_up(Instant::now(), &id);
+            }
+        }
+    }
+
+    async fn handle_events(&mut self) {
+        while let Some(event) = self.endpoint.poll_event() {
+            match event {
+                Event::Send { to, data } => {
+                    if let Err(e) = self.socket.send_to(&data, to).await {
+                        tracing::debug!("SIP send to {to}: {e}");
+                    }
+                }
+                Event::Incoming { call, remote } => self.answer(call, remote),
+                Event::Answered { call, remote } => {
+                    if let Some(handle) = self.calls.get(&call) {
+                        let _ = handle.remote.send(remote);
+                    }
+                }
+                Event::MediaChanged { call, remote } => {
+                    if let Some(handle) = self.calls.get(&call) {
+                        tracing::info!(call = %call, direction = ?remote.direction, "media changed");
+                        let _ = handle.remote.send(remote);
+                    }
+                }
+                Event::Ended { call, reason } => {
+                    tracing::info!(call = %call, ?reason, "call ended");
+                    if let Some(handle) = self.calls.remove(&call) {
+                        // The slot goes back when the media task ends (see spawn_media).
+                        handle.cancel.cancel();
+                    }
+                    self.ended.push((call, reason));
+                }
+            }
+        }
+    }
+
+    /// An inbound call: a session slot and an RTP socket, or 503.
+    fn answer(&mut self, call: CallId, remote: RemoteMedia) {
+        let now = Instant::now();
+        let Some(slot) = (self.slots.reserve)() else {
+            tracing::info!(call = %call, "refused a call: every session slot is taken");
+            self.endpoint.reject(now, &call, true);
+            return;
+        };
+        match self.start_media(&call, remote, slot) {
+            Ok(port) => self.endpoint.accept(now, &call, port),
+            Err(e) => {
+                tracing::warn!(call = %call, "no RTP socket: {e:#}");
+                (self.slots.release)();
+                self.endpoint.reject(now, &call, true);
+            }
+        }
+    }
+
+    /// Binds the call's RTP socket and starts its media and session; returns the RTP port.
+    fn start_media(&mut self, call: &str, remote: RemoteMedia, slot: u64) -> anyhow::Result<u16> {
+        let (socket, port) = self.bind_rtp()?;
+        self.spawn_media(call, socket, remote, slot);
+        Ok(port)
+    }
+
+    fn bind_rtp(&self) -> anyhow::Result<(UdpSocket, u16)> {
+        let std_socket = std::net::UdpSocket::bind(SocketAddr::new(self.media_ip, 0))?;
+        std_socket.set_nonblocking(true)?;
+        let port = std_socket.local_addr()?.port();
+        Ok((UdpSocket::from_std(std_socket)?, port))
+    }
+
+    fn spawn_media(&mut self, call: &str, socket: UdpSocket, remote: RemoteMedia, slot: u64) {
+        let cancel = CancellationToken::new();
+        let (remote_tx, remote_rx) = watch::channel(remote);
+        let commands = self.commands_tx.clone();
+        let release = self.slots.release.clone();
+        let media = media::run(
+            socket,
+            remote_rx,
+            self.shared.clone(),
+            cancel.clone(),
+            format!("sip-{slot}"),
+            self.media_timeout,
+        );
+        let id = call.to_string();
+        self.tasks.spawn(async move {
+            let end = media.await;
+            release();
+            let _ = commands.send(Command::MediaEnded(id, end)).await;
+        });
+        self.calls.insert(
+            call.to_string(),
+            CallHandle {
+                cancel,
+                remote: remote_tx,
+            },
+        );
+    }
+}
+
+/// The SIP user agent running beside `talkline serve`'s HTTP.
+pub struct Running {
+    task: tokio::task::JoinHandle<()>,
+    shutdown: CancellationToken,
+}
+
+impl Running {
+    /// Hangs up every call and waits for the user agent to finish.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        if let Err(e) = self.task.await {
+            tracing::warn!("the SIP user agent failed: {e}");
+        }
+    }
+}
+
+/// Starts the user agent when `--sip-listen` is given, with the server's session slots.
+pub async fn start(
+    args: &SipArgs,
+    shared: Arc<Shared>,
+    slots: Slots,
+) -> anyhow::Result<Option<Running>> {
+    let Some(listen) = args.sip_listen else {
+        return Ok(None);
+    };
+    let ua = Ua::bind(
+        listen,
+        args.sip_media_ip,
+        Duration::from_secs_f64(args.sip_media_timeout.max(1.0)),
+        shared,
+        slots,
+    )
+    .await?;
+    tracing::info!("talkline SIP on udp://{}", ua.local_addr()?);
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(ua.run(shutdown.clone()));
+    Ok(Some(Running { task, shutdown }))
+}
+
+/// `talkline call sip:user@host:port`: calls out, holds the conversation, hangs up at its end.
+pub fn run_call(args: CallArgs, config_path: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let (config, _) = crate::config::Config::load(config_path)?;
+    let store = crate::models::ModelStore::open_default()?;
+    let max_tokens = args.max_tokens.unwrap_or(config.agent.max_reply_tokens);
+    let shared = Arc::new(crate::serve::load_shared(&config, &store, max_tokens)?);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(call(args, shared))
+}
+
+async fn call(args: CallArgs, shared: Arc<Shared>) -> anyhow::Result<()> {
+    let peer = resolve(&args.uri).await?;
+    let slots = Slots {
+        reserve: Arc::new(|| Some(1)),
+        release: Arc::new(|| {}),
+    };
+    let mut ua = Ua::bind(
+        args.sip_listen,
+        None,
+        Duration::from_secs_f64(args.media_timeout.max(1.0)),
+        shared,
+        slots,
+    )
+    .await?;
+    // Media starts before the answer: its port goes into our offer, and its RTP may arrive
+    // with the 200 OK. Nothing is sent until the answer says where (direction inactive).
+    let placeholder = RemoteMedia {
+        rtp: peer,
+        law: g711::Law::Mu,
+        dtmf: None,
+        direction: sdp::Direction::Inactive,
+    };
+    let (socket, port) = ua.bind_rtp()?;
+    let id = ua.endpoint.call(Instant::now(), &args.uri, peer, port);
+    ua.spawn_media(&id, socket, placeholder, 1);
+    println!("calling {} from udp://{}", args.uri, ua.local_addr()?);
+    let shutdown = CancellationToken::new();
+    let ctrl_c = shutdown.clone();
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        ctrl_c.cancel();
+    });
+    ua.run_until(&shutdown, |ua| !ua.ended.is_empty()).await;
+    let reason = ua.ended.first().map(|(_, r)| *r);
+    ua.finish().await;
+    match reason {
+        Some(EndReason::Refused(code)) => anyhow::bail!("the callee refused the call: {code}"),
+        Some(EndReason::NoAnswer) => anyhow::bail!("the callee did not answer"),
+        Some(reason) => {
+            println!("call ended: {reason:?}");
+            Ok(())
+        }
+        None => Ok(()),
+    }
+}
+
+/// The UDP address of a `sip:user@host[:port]` URI (port 5060 by default).
+async fn resolve(uri: &str) -> anyhow::Result<SocketAddr> {
+    let rest = uri
+        .strip_prefix("sip:")
+        .with_context(|| format!("{uri}: only sip: URIs can be called"))?;
+    let host_port = rest.rsplit('@').next().unwrap_or(rest);
+    let host_port = host_port.split(';').next().unwrap_or(host_port);
+    let with_port = if host_port.contains(':') {
+        host_port.to_string()
+    } else {
+        format!("{host_port}:5060")
+    };
+    let mut addresses = tokio::net::lookup_host(with_port.as_str())
+        .await
+        .with_context(|| format!("resolving {with_port}"))?;
+    addresses
+        .next()
+        .with_context(|| format!("{with_port} has no address"))
+}

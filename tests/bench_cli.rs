@@ -1,0 +1,43 @@
+//! `talkline bench --quick`: the latency harness drives the real server and writes a report with
+//! real measurements (the CI check of issue 8; the full suite is benches/run.sh).
+
+use talkline_tests::{stderr, stdout, talkline};
+
+#[test]
+fn bench_quick_writes_a_report_with_two_measured_turns() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("report");
+    let started = std::time::Instant::now();
+    let run = talkline(&["bench", "--quick", "--out", out.to_str().unwrap()], &[]);
+    assert!(
+        run.status.success(),
+        "talkline bench --quick failed:\n{}\n{}",
+        stdout(&run),
+        stderr(&run)
+    );
+    assert!(
+        started.elapsed().as_secs() < 120,
+        "took {:?}",
+        started.elapsed()
+    );
+    for f in ["report.json", "report.md", "cdf.svg", "sweep.svg"] {
+        assert!(out.join(f).is_file(), "{f} is missing");
+    }
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    let turns = report["turns"].as_array().expect("turns");
+    assert_eq!(turns.len(), 2, "{report}");
+    for t in turns {
+        let v2v = t["v2v_ms"].as_f64().unwrap_or(0.0);
+        // Above the endpoint silence it cannot beat, below the reply timeout.
+        assert!(v2v > 100.0 && v2v < 15_000.0, "{t}");
+        assert!(t["asr_final_ms"].as_f64().is_some(), "{t}");
+        assert!(t["llm_first_token_ms"].as_f64().is_some(), "{t}");
+    }
+    assert_eq!(report["levels"][0]["turns_answered"], 2);
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("voice-to-voice"), "{md}");
+    assert!(std::fs::read_to_string(out.join("cdf.svg"))
+        .unwrap()
+        .contains("<polyline"));
+}

@@ -1,0 +1,150 @@
+//! The lab-results line as a real call: the real server with `kind = "lab-results"`, a
+//! WebSocket caller who speaks (espeak-ng) and keys a PIN (DTMF), the real models throughout.
+//! The caller is verified, hears a result from the record, and the audit log holds exactly that.
+//! The question is about blood sugar, not hemoglobin: tiny.en hears espeak-ng's "hemoglobin" as
+//! "human love in".
+
+use std::time::{Duration, Instant};
+
+use futures_util::stream::SplitSink;
+use futures_util::{SinkExt, StreamExt};
+use talkline_tests::{espeak_16k, pcm16, start_server};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+type Sink = SplitSink<WebSocketStream<MaybeTlsStream<TcpStream>>, Message>;
+
+/// Speaks `text` in real time, then keeps the line open with silence until stopped.
+async fn say(sink: &mut Sink, text: &str) {
+    let mut audio = espeak_16k(text);
+    audio.extend(vec![0.0f32; 16_000]);
+    let start = Instant::now();
+    for (i, frame) in audio.chunks(320).enumerate() {
+        tokio::time::sleep_until((start + Duration::from_millis(20 * i as u64)).into()).await;
+        sink.send(Message::Binary(pcm16(frame).into()))
+            .await
+            .unwrap();
+    }
+}
+
+/// The agent's next finished turn: the words the caller heard.
+async fn next_turn(turns: &mut tokio::sync::mpsc::Receiver<String>) -> String {
+    tokio::time::timeout(Duration::from_secs(40), turns.recv())
+        .await
+        .expect("the agent answers within 40 s")
+        .expect("the call is still up")
+}
+
+async fn silence(sink: &mut Sink) {
+    let _ = sink.send(Message::Binary(pcm16(&[0.0; 320]).into())).await;
+}
+
+#[test]
+fn a_caller_verifies_by_voice_and_keypad_and_hears_their_blood_sugar() {
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let patients = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/patients");
+    let config = dir.path().join("talkline.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[agent]\nkind = \"lab-results\"\n[agent.lab_results]\npatients = {:?}\naudit_log = {:?}\n",
+            patients.display().to_string(),
+            audit.display().to_string()
+        ),
+    )
+    .unwrap();
+    let server = start_server(&["--config", config.to_str().unwrap()]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let agent_said: Vec<String> = rt.block_on(async {
+        let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", server.addr))
+            .await
+            .expect("connects");
+        ws.send(Message::Text(
+            r#"{"type":"hello","sample_rate":16000}"#.into(),
+        ))
+        .await
+        .unwrap();
+        let (mut sink, mut stream) = ws.split();
+        // Silence keeps the media clock going; each step waits for the agent's turn to end.
+        let (turn_tx, mut turns) = tokio::sync::mpsc::channel::<String>(16);
+        let reader = tokio::spawn(async move {
+            while let Some(Ok(msg)) = stream.next().await {
+                if let Message::Text(t) = msg {
+                    let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+                    if v["type"] == "final" {
+                        eprintln!("caller (as transcribed): {}", v["text"]);
+                    }
+                    if v["type"] == "turn" {
+                        let _ = turn_tx
+                            .send(v["agent_text"].as_str().unwrap_or("").to_owned())
+                            .await;
+                    }
+                }
+            }
+        });
+        let mut said = Vec::new();
+        // The greeting plays while the line carries silence.
+        let greeting = {
+            let mut turn = Box::pin(next_turn(&mut turns));
+            loop {
+                tokio::select! {
+                    t = &mut turn => break t,
+                    _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                }
+                silence(&mut sink).await;
+            }
+        };
+        said.push(greeting);
+        say(
+            &mut sink,
+            "My date of birth is March fourth, nineteen sixty one.",
+        )
+        .await;
+        said.push(next_turn(&mut turns).await);
+        for digit in ["1", "2", "3", "4"] {
+            sink.send(Message::Text(
+                format!(r#"{{"type":"dtmf","digit":"{digit}"}}"#).into(),
+            ))
+            .await
+            .unwrap();
+        }
+        said.push(next_turn(&mut turns).await);
+        say(&mut sink, "What is my blood sugar?").await;
+        said.push(next_turn(&mut turns).await);
+        let _ = sink.send(Message::Text(r#"{"type":"bye"}"#.into())).await;
+        reader.abort();
+        said
+    });
+    eprintln!("the agent said: {agent_said:#?}");
+    assert!(
+        agent_said[0].to_lowercase().contains("date of birth"),
+        "{agent_said:?}"
+    );
+    assert!(
+        agent_said[1].to_lowercase().contains("pin"),
+        "not asked for the PIN: {agent_said:?}"
+    );
+    assert!(
+        agent_said[2].to_lowercase().contains("verified"),
+        "not verified: {agent_said:?}"
+    );
+    let result = &agent_said[3];
+    assert!(
+        result.contains("126") && result.contains("above the normal range of 70 to 99"),
+        "the glucose and its range from the record: {result:?}"
+    );
+    let audit = std::fs::read_to_string(&audit).expect("an audit log");
+    let disclosures: Vec<serde_json::Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON lines"))
+        .filter(|e: &serde_json::Value| e["event"] == "disclosure")
+        .collect();
+    assert_eq!(disclosures.len(), 1, "{audit}");
+    assert_eq!(disclosures[0]["patient_id"], "synthetic-ada");
+    assert_eq!(
+        disclosures[0]["result_ids"],
+        serde_json::json!(["ada-glucose"])
+    );
+}

@@ -1,0 +1,164 @@
+//! The agent's own voice, looped back by the transport into the caller's audio (a client that
+//! records what it plays, line echo), must not become a user turn or interrupt the agent.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use talkline_tests::{espeak_16k, pcm16, start_server, wer};
+use tokio_tungstenite::tungstenite::Message;
+
+/// The loop: 60 ms late and 6 dB down, as a client playing and recording at once might be.
+const ECHO_DELAY_FRAMES: usize = 3;
+const ECHO_GAIN: f32 = 0.5;
+const FRAME: usize = 320;
+
+struct Call {
+    finals: Vec<String>,
+    turns: Vec<serde_json::Value>,
+    echoed_energy: f64,
+}
+
+/// Speaks `question`, then keeps sending, for `seconds`, whatever agent audio came back, looped.
+fn call_with_loopback(config: &std::path::Path, question: &str, seconds: u64) -> Call {
+    let server = start_server(&["--max-tokens", "24", "--config", config.to_str().unwrap()]);
+    let mut speech = vec![0.0f32; 8_000];
+    speech.extend(espeak_16k(question));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", server.addr))
+            .await
+            .expect("connects");
+        ws.send(Message::Text(
+            r#"{"type":"hello","sample_rate":16000}"#.into(),
+        ))
+        .await
+        .unwrap();
+        let (mut tx, mut rx) = ws.split();
+        let heard: Arc<Mutex<VecDeque<f32>>> = Arc::default();
+        let loopback = heard.clone();
+        let sender = tokio::spawn(async move {
+            let start = Instant::now();
+            let frames = seconds as usize * 50;
+            // What the client "recorded": its own speech plus the agent's audio, delayed.
+            let mut delay: VecDeque<Vec<f32>> = VecDeque::new();
+            let mut echoed_energy = 0f64;
+            for i in 0..frames {
+                tokio::time::sleep_until((start + Duration::from_millis(20 * i as u64)).into())
+                    .await;
+                let played: Vec<f32> = {
+                    let mut heard = loopback.lock().unwrap();
+                    let n = FRAME.min(heard.len());
+                    heard.drain(..n).collect()
+                };
+                delay.push_back(played);
+                let echo = if delay.len() > ECHO_DELAY_FRAMES {
+                    delay.pop_front().unwrap_or_default()
+                } else {
+                    Vec::new()
+                };
+                let mut frame = vec![0f32; FRAME];
+                for (j, s) in frame.iter_mut().enumerate() {
+                    *s = speech.get(i * FRAME + j).copied().unwrap_or(0.0);
+                    if let Some(e) = echo.get(j) {
+                        *s += e * ECHO_GAIN;
+                        echoed_energy += (e * ECHO_GAIN) as f64 * (e * ECHO_GAIN) as f64;
+                    }
+                }
+                if tx
+                    .send(Message::Binary(pcm16(&frame).into()))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+            echoed_energy
+        });
+        let (mut finals, mut turns) = (Vec::new(), Vec::new());
+        let deadline = Instant::now() + Duration::from_secs(seconds + 5);
+        while Instant::now() < deadline {
+            let Ok(Some(Ok(msg))) = tokio::time::timeout(Duration::from_secs(5), rx.next()).await
+            else {
+                break;
+            };
+            match msg {
+                Message::Text(t) => {
+                    let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+                    match v["type"].as_str() {
+                        Some("final") => finals.push(v["text"].as_str().unwrap_or("").to_owned()),
+                        Some("turn") => turns.push(v),
+                        _ => {}
+                    }
+                }
+                Message::Binary(b) => heard.lock().unwrap().extend(
+                    b.chunks_exact(2)
+                        .map(|s| i16::from_le_bytes([s[0], s[1]]) as f32 / 32768.0),
+                ),
+                _ => {}
+            }
+            if sender.is_finished() {
+                break;
+            }
+        }
+        let echoed_energy = sender.await.unwrap_or(0.0);
+        Call {
+            finals,
+            turns,
+            echoed_energy,
+        }
+    })
+}
+
+fn config(dir: &std::path::Path, echo_cancellation: bool) -> std::path::PathBuf {
+    let path = dir.join(format!("talkline-{echo_cancellation}.toml"));
+    std::fs::write(
+        &path,
+        format!("[audio]\necho_cancellation = {echo_cancellation}\n"),
+    )
+    .unwrap();
+    path
+}
+
+#[test]
+fn the_agents_voice_looped_back_is_neither_a_user_turn_nor_a_barge_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let question = "What is a normal blood pressure?";
+    let call = call_with_loopback(&config(dir.path(), true), question, 14);
+    eprintln!("finals {:?}; turns {:?}", call.finals, call.turns);
+    assert!(call.echoed_energy > 1.0, "nothing was looped back");
+    assert_eq!(
+        call.finals.len(),
+        1,
+        "the echo became user speech: {:?}",
+        call.finals
+    );
+    assert!(wer(question, &call.finals[0]) <= 0.25, "{:?}", call.finals);
+    assert_eq!(call.turns.len(), 1, "{:?}", call.turns);
+    assert_eq!(
+        call.turns[0]["interrupted"], false,
+        "the echo barged in: {}",
+        call.turns[0]
+    );
+}
+
+/// The control: the same loop without the canceller does what the test above rules out, so the
+/// test above proves the canceller and not a quiet loop.
+#[test]
+fn without_echo_cancellation_the_same_loop_is_heard_as_the_user() {
+    let dir = tempfile::tempdir().unwrap();
+    let call = call_with_loopback(
+        &config(dir.path(), false),
+        "What is a normal blood pressure?",
+        14,
+    );
+    eprintln!("finals {:?}; turns {:?}", call.finals, call.turns);
+    let interrupted = call.turns.iter().any(|t| t["interrupted"] == true);
+    assert!(
+        call.finals.len() > 1 || interrupted,
+        "the loop went unnoticed even without a canceller: {:?} {:?}",
+        call.finals,
+        call.turns
+    );
+}

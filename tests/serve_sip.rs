@@ -1,0 +1,272 @@
+//! `talkline serve --sip-listen`: a real SIP peer (Debian's sipp) calls the agent, the test
+//! speaks a question into the call as PCMU RTP and hears the agent's answer back; broken SIP is
+//! answered or dropped without harming the server.
+
+use std::net::UdpSocket;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use talkline_tests::{espeak_16k, start_server};
+
+// G.711 μ-law, written out here independently of the server's codec.
+fn mulaw(sample: i16) -> u8 {
+    let mut s = sample as i32;
+    let sign = if s < 0 {
+        s = -s;
+        0x80
+    } else {
+        0
+    };
+    s = s.min(32_635) + 0x84;
+    let mut exponent = 7;
+    let mut mask = 0x4000;
+    while exponent > 0 && s & mask == 0 {
+        exponent -= 1;
+        mask >>= 1;
+    }
+    let mantissa = (s >> (exponent + 3)) & 0x0F;
+    !(sign | (exponent << 4) | mantissa) as u8
+}
+
+fn unmulaw(byte: u8) -> i16 {
+    let u = !byte;
+    let magnitude = ((((u & 0x0F) as i32) << 3) + 0x84) << ((u >> 4) & 0x07);
+    let v = magnitude - 0x84;
+    (if u & 0x80 != 0 { -v } else { v }) as i16
+}
+
+fn rtp(payload_type: u8, sequence: u16, timestamp: u32, payload: &[u8]) -> Vec<u8> {
+    let mut p = vec![0x80, payload_type];
+    p.extend_from_slice(&sequence.to_be_bytes());
+    p.extend_from_slice(&timestamp.to_be_bytes());
+    p.extend_from_slice(&0x7a1c_0001u32.to_be_bytes());
+    p.extend_from_slice(payload);
+    p
+}
+
+/// A UDP port that was free a moment ago, for `--sip-listen`.
+fn free_udp_port() -> u16 {
+    let socket = UdpSocket::bind("127.0.0.1:0").expect("a free port");
+    socket.local_addr().expect("bound").port()
+}
+
+/// Sends `request` to the SIP server and returns the first line of its answer, if any.
+fn ask(sip: &str, request: &str) -> Option<String> {
+    let socket = UdpSocket::bind("127.0.0.1:0").expect("a client socket");
+    socket
+        .set_read_timeout(Some(Duration::from_millis(700)))
+        .expect("timeout set");
+    let local = socket.local_addr().expect("bound");
+    let text = request.replace("LOCAL", &local.to_string());
+    socket.send_to(text.as_bytes(), sip).expect("sent");
+    let mut buf = [0u8; 4096];
+    let (n, _) = socket.recv_from(&mut buf).ok()?;
+    let answer = String::from_utf8_lossy(&buf[..n]).into_owned();
+    answer.lines().next().map(str::to_string)
+}
+
+const OPTIONS: &str =
+    "OPTIONS sip:agent@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP LOCAL;branch=z9hG4bK-o1\r\n\
+    Max-Forwards: 70\r\nFrom: <sip:probe@127.0.0.1>;tag=1\r\nTo: <sip:agent@127.0.0.1>\r\n\
+    Call-ID: options-1\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n";
+
+/// Waits for the SIP side to answer OPTIONS (it starts beside HTTP).
+fn wait_for_sip(sip: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if ask(sip, OPTIONS).is_some() {
+            return;
+        }
+    }
+    panic!("the SIP listener at {sip} never answered OPTIONS");
+}
+
+#[test]
+fn a_sipp_call_gets_a_spoken_answer_over_rtp() {
+    let sip_port = free_udp_port();
+    let sip = format!("127.0.0.1:{sip_port}");
+    let server = start_server(&["--max-tokens", "24", "--sip-listen", &sip]);
+    wait_for_sip(&sip);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let port_file = dir.path().join("rtp-port");
+    let scenario = Path::new(env!("CARGO_MANIFEST_DIR")).join("sip/uac.xml");
+    let mut sipp = Command::new("sipp")
+        .arg("-sf")
+        .arg(&scenario)
+        .args(["-m", "1", "-i", "127.0.0.1", "-mi", "127.0.0.1", "-nostdin"])
+        .args(["-timeout", "90s", "-timeout_error"])
+        .arg("-set")
+        .arg("port_file")
+        .arg(&port_file)
+        .args(["-d", "22000"])
+        .arg(&sip)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("sipp is installed (apt-get install sip-tester; scripts/install-deps does)");
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let rtp_port: u16 = loop {
+        if let Some(port) = std::fs::read_to_string(&port_file)
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+        {
+            break port;
+        }
+        assert!(Instant::now() < deadline, "sipp never got the 200 OK");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+
+    // The caller's question at 8 kHz (pairs averaged: espeak has little energy above 4 kHz),
+    // then silence for as long as the agent answers.
+    let speech16 = espeak_16k("Is my hemoglobin normal?");
+    let mut audio8: Vec<f32> = vec![0.0; 4_000];
+    audio8.extend(
+        speech16
+            .chunks(2)
+            .map(|p| p.iter().sum::<f32>() / p.len() as f32),
+    );
+    audio8.extend(vec![0.0; 8_000 * 16]);
+    let socket = UdpSocket::bind("127.0.0.1:0").expect("an RTP socket");
+    let target = format!("127.0.0.1:{rtp_port}");
+    let sender_socket = socket.try_clone().expect("a second handle");
+    let sender = std::thread::spawn(move || {
+        let start = Instant::now();
+        for (i, frame) in audio8.chunks(160).enumerate() {
+            let due = start + Duration::from_millis(20 * i as u64);
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+            let payload: Vec<u8> = frame.iter().map(|s| mulaw((s * 32767.0) as i16)).collect();
+            let packet = rtp(0, 1_000u16.wrapping_add(i as u16), 160 * i as u32, &payload);
+            let _ = sender_socket.send_to(&packet, &target);
+            if i == 150 {
+                // A DTMF key press (RFC 4733): the end packet three times.
+                for _ in 0..3 {
+                    let event = rtp(101, 60_000, 160 * i as u32, &[5, 0x8A, 3, 32]);
+                    let _ = sender_socket.send_to(&event, &target);
+                }
+            }
+        }
+    });
+
+    socket
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .expect("timeout set");
+    let (mut samples, mut energy) = (0usize, 0f64);
+    let mut buf = [0u8; 2048];
+    let deadline = Instant::now() + Duration::from_secs(21);
+    while Instant::now() < deadline {
+        let Ok((n, _)) = socket.recv_from(&mut buf) else {
+            continue;
+        };
+        if n < 12 || buf[1] & 0x7F != 0 {
+            continue;
+        }
+        for &b in &buf[12..n] {
+            let x = unmulaw(b) as f64 / 32768.0;
+            energy += x * x;
+        }
+        samples += n - 12;
+    }
+    sender.join().expect("the RTP sender finished");
+    let status = wait_with_timeout(&mut sipp, Duration::from_secs(30));
+    assert!(status, "sipp's call (INVITE, ACK, BYE) did not succeed");
+    assert!(samples >= 8_000, "only {samples} samples of agent audio");
+    let rms = (energy / samples as f64).sqrt();
+    assert!(rms > 0.01, "agent audio is silent (rms {rms})");
+
+    let metrics = http_get(&server.addr, "/metrics");
+    assert!(
+        metrics.contains("sip"),
+        "no SIP session in /metrics:\n{metrics}"
+    );
+}
+
+fn wait_with_timeout(child: &mut std::process::Child, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return status.success();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    false
+}
+
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("HTTP connects");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .expect("sent");
+    let mut body = String::new();
+    stream.read_to_string(&mut body).expect("read");
+    body
+}
+
+#[test]
+fn malformed_sip_is_answered_or_dropped_and_a_full_server_says_503() {
+    let sip_port = free_udp_port();
+    let sip = format!("127.0.0.1:{sip_port}");
+    let _server = start_server(&["--max-sessions", "0", "--sip-listen", &sip]);
+    wait_for_sip(&sip);
+
+    // Garbage is dropped: no answer.
+    assert_eq!(ask(&sip, "\u{1}\u{2} this is not SIP \r\n\r\n"), None);
+    // A request without Call-ID, From, To or CSeq is answered 400.
+    let missing =
+        "INVITE sip:agent@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP LOCAL;branch=z9hG4bK-m1\r\n\
+        Max-Forwards: 70\r\nContent-Length: 0\r\n\r\n";
+    assert_eq!(
+        ask(&sip, missing).as_deref(),
+        Some("SIP/2.0 400 Bad Request")
+    );
+    // An unknown method is answered 501.
+    let unknown = OPTIONS
+        .replace("OPTIONS sip:", "FROBNICATE sip:")
+        .replace("1 OPTIONS", "1 FROBNICATE");
+    assert_eq!(
+        ask(&sip, &unknown).as_deref(),
+        Some("SIP/2.0 501 Not Implemented")
+    );
+    // The server is still there.
+    assert_eq!(ask(&sip, OPTIONS).as_deref(), Some("SIP/2.0 200 OK"));
+
+    // No session slot: an INVITE gets 503 (after 100 Trying).
+    let sdp = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n\
+        m=audio 40000 RTP/AVP 0\r\n";
+    let invite = format!(
+        "INVITE sip:agent@127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP LOCAL;branch=z9hG4bK-i1\r\n\
+         Max-Forwards: 70\r\nFrom: <sip:patient@127.0.0.1>;tag=1\r\nTo: <sip:agent@127.0.0.1>\r\n\
+         Call-ID: busy-1\r\nCSeq: 1 INVITE\r\nContact: <sip:patient@LOCAL>\r\n\
+         Content-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{sdp}",
+        sdp.len()
+    );
+    let socket = UdpSocket::bind("127.0.0.1:0").expect("a client socket");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("timeout set");
+    let local = socket.local_addr().expect("bound").to_string();
+    socket
+        .send_to(invite.replace("LOCAL", &local).as_bytes(), &sip)
+        .expect("sent");
+    let mut buf = [0u8; 4096];
+    let mut finals = Vec::new();
+    while let Ok((n, _)) = socket.recv_from(&mut buf) {
+        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+        if !text.starts_with("SIP/2.0 100") {
+            finals.push(text);
+            break;
+        }
+    }
+    let answer = finals.first().expect("a final answer to the INVITE");
+    assert!(
+        answer.starts_with("SIP/2.0 503 Service Unavailable"),
+        "{answer}"
+    );
+    assert!(answer.contains("Retry-After: "), "{answer}");
+}
