@@ -50,6 +50,10 @@ pub struct ConverseArgs {
     /// is fed at its own pace and the agent's frames are placed where they arrive.
     #[arg(long)]
     pub realtime: bool,
+    /// The agent to talk to (default: `[agent] kind`). `lab-results` runs the live session in
+    /// real time, where agents live, with `[agent.lab_results]` from the config.
+    #[arg(long, value_enum, value_name = "AGENT")]
+    pub agent: Option<crate::chat::AgentChoice>,
 }
 
 const FRAME: usize = SAMPLE_RATE as usize / 50;
@@ -89,10 +93,20 @@ struct TurnTimes {
 }
 
 pub fn run(args: ConverseArgs, config_path: Option<&Path>) -> anyhow::Result<()> {
-    let (config, _) = Config::load(config_path)?;
+    let (mut config, _) = Config::load(config_path)?;
+    match args.agent {
+        Some(crate::chat::AgentChoice::LabResults) => {
+            config.agent.kind = crate::config::AgentKind::LabResults
+        }
+        Some(crate::chat::AgentChoice::Assistant) => {
+            config.agent.kind = crate::config::AgentKind::Assistant
+        }
+        None => {}
+    }
     let store = ModelStore::open_default()?;
     let user_audio = talkline_asr::audio::read_wav_16k(&args.input)?;
-    if args.realtime {
+    // The simulated clock drives the assistant only; any other agent runs in the live session.
+    if args.realtime || config.agent.kind != crate::config::AgentKind::Assistant {
         return run_realtime(&args, &config, &store, user_audio);
     }
     let whisper = crate::stages::load_whisper(&config, &store)?;

@@ -708,7 +708,8 @@ async fn run_session(
                 TurnAction::CancelReply { reply, reason } => {
                     if let Some(r) = replies.get(&reply) {
                         r.cancel.cancel();
-                        if r.speculative && !r.committed {
+                        // A speculation the agent never started (no request) cost nothing.
+                        if r.speculative && !r.committed && r.request.is_some() {
                             missed = true;
                         }
                     }
