@@ -148,3 +148,68 @@ fn a_caller_verifies_by_voice_and_keypad_and_hears_their_blood_sugar() {
         serde_json::json!(["ada-glucose"])
     );
 }
+
+/// `talkline converse --agent lab-results`: a recorded call, date of birth and PIN spoken, runs
+/// through the live session with the lab-results agent.
+#[test]
+fn converse_with_the_lab_results_agent_verifies_a_spoken_pin_and_reads_a_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let patients = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/patients");
+    let config = dir.path().join("talkline.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[agent.lab_results]\npatients = {:?}\naudit_log = {:?}\n",
+            patients.display().to_string(),
+            audit.display().to_string()
+        ),
+    )
+    .unwrap();
+    // Gaps long enough for each prompt of the agent to play out before the caller answers.
+    let clip = talkline_tests::spoken_clip(
+        &[
+            "My date of birth is March fourth, nineteen sixty one.",
+            "one, two, three, four.",
+            "What is my blood sugar?",
+        ],
+        9.0,
+    );
+    let input = dir.path().join("call.wav");
+    talkline_tests::write_wav_16k(&input, &clip);
+    let (output, events) = (dir.path().join("out.wav"), dir.path().join("turns.jsonl"));
+    let run = talkline_tests::talkline(
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "converse",
+            "--agent",
+            "lab-results",
+            "--input",
+            input.to_str().unwrap(),
+            "--output",
+            output.to_str().unwrap(),
+            "--events",
+            events.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(run.status.success(), "{}", talkline_tests::stderr(&run));
+    let said: Vec<String> = std::fs::read_to_string(&events)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .map(|e| e["agent_text"].as_str().unwrap_or("").to_owned())
+        .collect();
+    assert!(
+        said.iter().any(|s| s.contains("verified")),
+        "never verified: {said:#?}"
+    );
+    assert!(
+        said.iter()
+            .any(|s| s.contains("126") && s.contains("70 to 99")),
+        "the glucose was not read: {said:#?}"
+    );
+    let audit = std::fs::read_to_string(&audit).expect("an audit log");
+    assert!(audit.contains(r#""result_ids":["ada-glucose"]"#), "{audit}");
+}
