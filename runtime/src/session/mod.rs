@@ -3,8 +3,10 @@
 //! Transport-agnostic: a transport feeds 16 kHz mono audio and carries [`SessionOutput`] back.
 //! One tokio task runs the session's control loop; Whisper runs on the stream's own thread
 //! ([`AsrEngine`]); each reply runs the LLM on a thread of its own feeding the TTS stream's
-//! synthesis thread. The loop is the only owner of session state, so nothing is shared mutably
-//! across tasks but the chat session, which one reply thread at a time holds.
+//! synthesis thread ([`replies`]); the echo canceller has a thread of its own ([`echo_path`]).
+//! The loop is the only owner of session state, so nothing is shared mutably across tasks but
+//! the chat session, which one reply thread at a time holds, and the call's agent, whose guard
+//! the reply threads consult clause by clause.
 //!
 //! Output is paced here at 20 ms frames: a barge-in clears the queue, so the next frame after the
 //! decision is silent.
@@ -14,18 +16,22 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use talkline_asr::audio::To16k;
 use talkline_asr::engine::AsrEngine;
 use talkline_asr::streaming::{AsrEvent, StreamingConfig};
 use talkline_asr::vad::SpeechProbability;
-use talkline_llm::{CancelToken, ChatModel, ChatSession, GenerateParams, Message, Sampling};
-use talkline_tts::stream::{self, StreamConfig};
+use talkline_llm::{CancelToken, ChatModel, ChatSession, Message};
 use talkline_tts::PiperVoice;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::agent::{Agent, AgentAction, AgentFactory, LlmRequest, ReplyVerdict};
+mod echo_path;
+mod replies;
+
+use echo_path::{EchoPath, CLEANED_QUEUE};
+use replies::{Launcher, ReplyMsg};
+
+use crate::agent::{Agent, AgentAction, AgentFactory, LlmRequest};
 use crate::metrics::{Speculation, TurnLatencies};
 use crate::turn::{CancelReason, ReplyId, TurnAction, TurnConfig, TurnManager};
 
@@ -68,33 +74,6 @@ pub enum SessionOutput {
     /// Drop any audio already queued on the client (barge-in).
     Clear,
     Event(serde_json::Value),
-}
-
-enum ReplyMsg {
-    EndOfUtterance {
-        text: String,
-        probability: f32,
-    },
-    FirstToken {
-        reply: ReplyId,
-        thread: u64,
-        at: Instant,
-    },
-    Audio {
-        reply: ReplyId,
-        thread: u64,
-        chunk: talkline_tts::stream::AudioChunk,
-    },
-    Done {
-        reply: ReplyId,
-        thread: u64,
-        text: String,
-    },
-    Failed {
-        reply: ReplyId,
-        thread: u64,
-        error: String,
-    },
 }
 
 /// What follows an agent utterance once it has been played.
@@ -159,66 +138,6 @@ impl ReplyState {
     }
 }
 
-/// Starts what an agent asks for on threads of their own, numbering each so that a reply
-/// restarted under the same id ignores what its previous thread still sends.
-struct Launcher {
-    shared: Arc<Shared>,
-    chat: Arc<Mutex<Box<dyn ChatSession>>>,
-    agent: Arc<Mutex<Box<dyn Agent>>>,
-    out_rate: u32,
-    tx: mpsc::Sender<ReplyMsg>,
-    threads: u64,
-}
-
-impl Launcher {
-    fn run(&mut self, reply: ReplyId, r: &mut ReplyState, action: AgentAction) {
-        self.threads += 1;
-        r.thread = self.threads;
-        r.cancel = CancelToken::new();
-        let (thread, cancel) = (r.thread, r.cancel.clone());
-        let speak = |text: String| {
-            spawn_speech(
-                reply,
-                thread,
-                self.shared.clone(),
-                text,
-                self.out_rate,
-                cancel.clone(),
-                self.tx.clone(),
-            )
-        };
-        match action {
-            AgentAction::Say(text) => speak(text),
-            AgentAction::Transfer { reason, say } => {
-                r.afterwards = Afterwards::Transfer;
-                r.transfer_reason = reason;
-                speak(say);
-            }
-            AgentAction::Hangup { say } => {
-                r.afterwards = Afterwards::HangUp;
-                speak(say);
-            }
-            AgentAction::AskLlm(request) => {
-                let checks = lock(&self.agent).checks_replies();
-                spawn_reply(
-                    ReplyJob {
-                        reply,
-                        thread,
-                        request,
-                        checks,
-                    },
-                    self.shared.clone(),
-                    self.chat.clone(),
-                    self.agent.clone(),
-                    self.out_rate,
-                    cancel.clone(),
-                    self.tx.clone(),
-                );
-            }
-        }
-    }
-}
-
 /// The agent's lock: a poisoned one (a panic elsewhere) still holds a usable agent.
 fn lock(agent: &Mutex<Box<dyn Agent>>) -> std::sync::MutexGuard<'_, Box<dyn Agent>> {
     agent.lock().unwrap_or_else(|p| p.into_inner())
@@ -268,144 +187,6 @@ impl Playing {
         }
         words.join(" ")
     }
-}
-
-/// Caller audio (16 kHz) from the echo thread to the control loop. Policy when full: the chunk
-/// is dropped and counted; the echo thread never blocks.
-const CLEANED_QUEUE: usize = 100;
-/// Audio waiting for the echo thread, both directions in one queue so that their order is kept.
-/// Policy when full: the chunk is dropped and counted (the thread runs at about 3% of a core,
-/// so a full queue means it died).
-const ECHO_QUEUE: usize = 200;
-
-enum EchoInput {
-    /// 16 kHz agent audio as it was handed to the transport (zeros while silent).
-    Played(Vec<f32>),
-    /// 16 kHz caller audio.
-    Heard(Vec<f32>),
-    /// The caller's audio is back after a pause in the stream.
-    Resumed,
-}
-
-/// The caller's audio on its way to the ASR, with the agent's own voice taken out (see
-/// [`crate::echo`]): what was played is the canceller's reference, silence included, so that its
-/// timeline never slips. AEC3's state is not `Send`, so it lives on a thread of its own, fed in
-/// order from the control loop; cleaned audio comes back as `cleaned`.
-struct EchoPath {
-    input: Option<std::sync::mpsc::SyncSender<EchoInput>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-    to16k: Option<To16k>,
-    dropped: u64,
-}
-
-impl EchoPath {
-    /// No canceller when `enabled` is false: [`EchoPath::heard`] hands the audio straight back.
-    fn new(enabled: bool, out_rate: u32, cleaned: mpsc::Sender<Vec<f32>>) -> anyhow::Result<Self> {
-        if !enabled {
-            return Ok(Self {
-                input: None,
-                thread: None,
-                to16k: None,
-                dropped: 0,
-            });
-        }
-        let (input, inbox) = std::sync::mpsc::sync_channel(ECHO_QUEUE);
-        let (ready_tx, ready) = std::sync::mpsc::sync_channel(1);
-        let thread = std::thread::Builder::new()
-            .name("echo".into())
-            .spawn(move || cancel_echo(inbox, cleaned, ready_tx))?;
-        ready
-            .recv()
-            .map_err(|_| anyhow::anyhow!("the echo thread ended before starting"))??;
-        Ok(Self {
-            input: Some(input),
-            thread: Some(thread),
-            to16k: Some(To16k::new(out_rate)?),
-            dropped: 0,
-        })
-    }
-
-    /// Caller audio: returned at once when there is no canceller, else cleaned on the thread.
-    /// `after_gap`: the stream had stopped for a while before this audio.
-    fn heard(&mut self, audio: Vec<f32>, after_gap: bool) -> Option<Vec<f32>> {
-        match &self.input {
-            None => Some(audio),
-            Some(input) => {
-                if after_gap {
-                    self.dropped += u64::from(input.try_send(EchoInput::Resumed).is_err());
-                }
-                self.dropped += u64::from(input.try_send(EchoInput::Heard(audio)).is_err());
-                None
-            }
-        }
-    }
-
-    fn played(&mut self, frame: &[f32]) {
-        if let (Some(input), Some(to16k)) = (&self.input, &mut self.to16k) {
-            let played = to16k.push(frame);
-            self.dropped += u64::from(input.try_send(EchoInput::Played(played)).is_err());
-        }
-    }
-
-    fn played_silence(&mut self) {
-        if let Some(input) = &self.input {
-            let silence = vec![0.0; (16_000.0 * FRAME_S) as usize];
-            self.dropped += u64::from(input.try_send(EchoInput::Played(silence)).is_err());
-        }
-    }
-}
-
-impl Drop for EchoPath {
-    fn drop(&mut self) {
-        self.input.take(); // the thread ends when its inbox closes
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-        if self.dropped > 0 {
-            tracing::warn!(dropped = self.dropped, "echo canceller input dropped");
-        }
-    }
-}
-
-fn cancel_echo(
-    inbox: std::sync::mpsc::Receiver<EchoInput>,
-    cleaned: mpsc::Sender<Vec<f32>>,
-    ready: std::sync::mpsc::SyncSender<anyhow::Result<()>>,
-) {
-    let mut canceller = match crate::echo::EchoCanceller::new() {
-        Ok(c) => c,
-        Err(e) => {
-            let _ = ready.send(Err(e.into()));
-            return;
-        }
-    };
-    let _ = ready.send(Ok(()));
-    // The canceller's fixed delay is dropped from the start of its output, so that every sample
-    // keeps the media time it had at the transport.
-    let mut to_skip = crate::echo::LATENCY_SAMPLES;
-    let mut dropped = 0u64;
-    while let Ok(input) = inbox.recv() {
-        match input {
-            EchoInput::Played(samples) => canceller.push_render(&samples),
-            EchoInput::Resumed => canceller.capture_resumed_after_gap(),
-            EchoInput::Heard(samples) => {
-                let mut out = canceller.process_capture(&samples);
-                let skip = to_skip.min(out.len());
-                out.drain(..skip);
-                to_skip -= skip;
-                if !out.is_empty() && cleaned.try_send(out).is_err() {
-                    dropped += 1;
-                }
-            }
-        }
-    }
-    let metrics = canceller.metrics();
-    tracing::debug!(
-        erle_db = metrics.erle_db,
-        delay_ms = metrics.delay_ms,
-        dropped,
-        "echo canceller finished"
-    );
 }
 
 /// Runs one session until the input ends or `cancel` fires. `input` carries 16 kHz mono audio.
@@ -913,256 +694,6 @@ fn finish_reply(
         "session_uptime_ms": started.elapsed().as_secs_f64() * 1000.0,
     })));
     r.afterwards == Afterwards::HangUp
-}
-
-/// Speaks a fixed text (a greeting, an agent's sentence): the TTS stream alone, no LLM.
-fn spawn_speech(
-    reply: ReplyId,
-    thread: u64,
-    shared: Arc<Shared>,
-    text: String,
-    out_rate: u32,
-    cancel: CancelToken,
-    tx: mpsc::Sender<ReplyMsg>,
-) {
-    let span = tracing::info_span!("speech", reply);
-    let spawned = std::thread::Builder::new()
-        .name(format!("speech-{reply}"))
-        .spawn(move || {
-            let _speech = span.enter();
-            let result = (|| -> anyhow::Result<()> {
-                let config = StreamConfig {
-                    output_rate: Some(out_rate),
-                    ..StreamConfig::default()
-                };
-                let (mut text_in, mut audio_out) = stream::start(shared.voice.clone(), config)?;
-                text_in.push(&text)?;
-                text_in.finish()?;
-                while let Some(chunk) = audio_out.recv() {
-                    if cancel.is_cancelled() {
-                        break; // dropping audio_out stops synthesis
-                    }
-                    match chunk {
-                        Ok(chunk) => {
-                            let msg = ReplyMsg::Audio {
-                                reply,
-                                thread,
-                                chunk,
-                            };
-                            if tx.blocking_send(msg).is_err() {
-                                break;
-                            }
-                        }
-                        Err(e) => tracing::warn!("a chunk failed to synthesize: {e}"),
-                    }
-                }
-                Ok(())
-            })();
-            let msg = match result {
-                Ok(()) => ReplyMsg::Done {
-                    reply,
-                    thread,
-                    text,
-                },
-                Err(e) => ReplyMsg::Failed {
-                    reply,
-                    thread,
-                    error: format!("{e:#}"),
-                },
-            };
-            let _ = tx.blocking_send(msg);
-        });
-    if let Err(e) = spawned {
-        tracing::error!("cannot start a speech thread: {e}");
-    }
-}
-
-/// One LLM answer to speak.
-struct ReplyJob {
-    reply: ReplyId,
-    thread: u64,
-    request: LlmRequest,
-    /// Pass each clause through the agent's guard before it is spoken.
-    checks: bool,
-}
-
-/// The LLM's words on their way to the voice: straight through, or clause by clause past the
-/// agent's guard, which may replace the rest of the answer with a safe line.
-struct GuardedText<'a> {
-    agent: Option<&'a Mutex<Box<dyn Agent>>>,
-    /// Released to the voice.
-    spoken: String,
-    /// Waiting for its clause to end before the guard sees it.
-    pending: String,
-    replaced: bool,
-}
-
-impl GuardedText<'_> {
-    /// Takes a piece of the answer; returns text to speak now, if any.
-    fn push(&mut self, piece: &str) -> Option<String> {
-        if self.replaced {
-            return None;
-        }
-        let Some(agent) = self.agent else {
-            self.spoken.push_str(piece);
-            return Some(piece.to_string());
-        };
-        self.pending.push_str(piece);
-        let clause_ended = self
-            .pending
-            .trim_end()
-            .ends_with(['.', ',', ';', ':', '!', '?']);
-        if clause_ended {
-            self.release(agent)
-        } else {
-            None
-        }
-    }
-
-    /// The end of the answer: the last words, checked.
-    fn finish(&mut self) -> Option<String> {
-        match self.agent {
-            Some(agent) if !self.replaced && !self.pending.trim().is_empty() => self.release(agent),
-            _ => None,
-        }
-    }
-
-    fn release(&mut self, agent: &Mutex<Box<dyn Agent>>) -> Option<String> {
-        let candidate = format!("{}{}", self.spoken, self.pending);
-        let verdict = lock(agent).check_reply(&candidate);
-        match verdict {
-            ReplyVerdict::Speak => {
-                self.spoken = candidate;
-                Some(std::mem::take(&mut self.pending))
-            }
-            ReplyVerdict::Replace(line) => {
-                self.replaced = true;
-                self.pending.clear();
-                let line = format!(" {}", line.trim());
-                self.spoken.push_str(&line);
-                Some(line)
-            }
-        }
-    }
-}
-
-fn spawn_reply(
-    job: ReplyJob,
-    shared: Arc<Shared>,
-    chat: Arc<Mutex<Box<dyn ChatSession>>>,
-    agent: Arc<Mutex<Box<dyn Agent>>>,
-    out_rate: u32,
-    cancel: CancelToken,
-    tx: mpsc::Sender<ReplyMsg>,
-) {
-    let (reply, thread) = (job.reply, job.thread);
-    let span = tracing::info_span!("reply", reply);
-    let spawned = std::thread::Builder::new()
-        .name(format!("reply-{reply}"))
-        .spawn(move || {
-            let _reply = span.enter();
-            let result = (|| -> anyhow::Result<String> {
-                let config = StreamConfig {
-                    output_rate: Some(out_rate),
-                    ..StreamConfig::default()
-                };
-                let (mut text_in, mut audio_out) = stream::start(shared.voice.clone(), config)?;
-                let audio_tx = tx.clone();
-                let audio_cancel = cancel.clone();
-                let tts_span = tracing::info_span!("tts");
-                let collector = std::thread::Builder::new()
-                    .name(format!("reply-{reply}-audio"))
-                    .spawn(move || {
-                        let _tts = tts_span.enter();
-                        while let Some(chunk) = audio_out.recv() {
-                            if audio_cancel.is_cancelled() {
-                                break; // dropping audio_out stops synthesis
-                            }
-                            match chunk {
-                                Ok(chunk) => {
-                                    let msg = ReplyMsg::Audio {
-                                        reply,
-                                        thread,
-                                        chunk,
-                                    };
-                                    if audio_tx.blocking_send(msg).is_err() {
-                                        break;
-                                    }
-                                }
-                                Err(e) => tracing::warn!("a chunk failed to synthesize: {e}"),
-                            }
-                        }
-                    })?;
-                let params = GenerateParams {
-                    max_tokens: job.request.max_tokens.min(shared.max_tokens),
-                    sampling: Sampling::Greedy,
-                };
-                // The LLM stops on its own token when the guard replaces the answer; the voice
-                // goes on to speak the safe line.
-                let llm_cancel = CancelToken::new();
-                let mut text = GuardedText {
-                    agent: job.checks.then_some(&*agent),
-                    spoken: String::new(),
-                    pending: String::new(),
-                    replaced: false,
-                };
-                let mut first = true;
-                let _llm = tracing::info_span!("llm").entered();
-                let mut chat = chat
-                    .lock()
-                    .map_err(|_| anyhow::anyhow!("the chat session is poisoned"))?;
-                chat.reply(&job.request.messages, &params, &llm_cancel, &mut |piece| {
-                    if first {
-                        first = false;
-                        let _ = tx.blocking_send(ReplyMsg::FirstToken {
-                            reply,
-                            thread,
-                            at: Instant::now(),
-                        });
-                    }
-                    if cancel.is_cancelled() {
-                        llm_cancel.cancel();
-                        return;
-                    }
-                    if let Some(speak) = text.push(piece) {
-                        if text_in.push(&speak).is_err() {
-                            llm_cancel.cancel();
-                        }
-                    }
-                    if text.replaced {
-                        llm_cancel.cancel();
-                    }
-                })?;
-                drop(chat);
-                drop(_llm);
-                if !cancel.is_cancelled() {
-                    if let Some(speak) = text.finish() {
-                        let _ = text_in.push(&speak);
-                    }
-                    let _ = text_in.finish();
-                } else {
-                    drop(text_in);
-                }
-                let _ = collector.join();
-                Ok(text.spoken)
-            })();
-            let msg = match result {
-                Ok(text) => ReplyMsg::Done {
-                    reply,
-                    thread,
-                    text,
-                },
-                Err(e) => ReplyMsg::Failed {
-                    reply,
-                    thread,
-                    error: format!("{e:#}"),
-                },
-            };
-            let _ = tx.blocking_send(msg);
-        });
-    if let Err(e) = spawned {
-        tracing::error!("cannot start a reply thread: {e}");
-    }
 }
 
 #[cfg(test)]
