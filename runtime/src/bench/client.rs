@@ -1,4 +1,4 @@
-//! One scripted caller over the real WebSocket transport: streams the scenario's turns in real
+//! One scripted caller over a real transport (WebSocket or WebRTC, see [`super::link`]): streams the scenario's turns in real
 //! time, 20 ms a frame, reacts to the agent (waits for its reply to play out, or barges in on it),
 //! and logs the arrival time of every agent frame and event. It measures nothing itself: the
 //! analysis in [`super::analyze`] turns the log into latencies.
@@ -6,17 +6,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
-use futures_util::{SinkExt, StreamExt};
-use tokio_tungstenite::tungstenite::Message;
+use anyhow::bail;
 
+use super::link::{Incoming, Link, Transport};
 use super::scenario::{TurnAudio, RATE};
 
 /// Samples in one 20 ms frame at [`RATE`].
 const FRAME: usize = RATE as usize / 50;
 const FRAME_S: f64 = 0.02;
-/// An agent frame with any sample above 1% of full scale is audible (the Pipecat anchor's rule).
-const AUDIBLE: i32 = 327;
 /// For the first turn: how long to listen for a greeting before speaking.
 const GREETING_WAIT_S: f64 = 1.5;
 
@@ -26,6 +23,7 @@ pub struct DriveOptions {
     pub reply_timeout_s: f64,
     /// Listening after the last reply has played out.
     pub tail_s: f64,
+    pub transport: Transport,
 }
 
 /// Where each turn's speech sits on the session's media clock (seconds since the first frame;
@@ -84,28 +82,7 @@ async fn drive_inner(
     opts: &DriveOptions,
     log: &mut SessionLog,
 ) -> anyhow::Result<()> {
-    let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
-        .await
-        .with_context(|| format!("connecting to ws://{addr}/ws"))?;
-    let (mut tx, mut rx) = ws.split();
-    tx.send(Message::Text(
-        format!(r#"{{"type":"hello","sample_rate":{RATE}}}"#).into(),
-    ))
-    .await?;
-    loop {
-        let msg = tokio::time::timeout(Duration::from_secs(10), rx.next())
-            .await
-            .context("no ready within 10 s")?
-            .context("closed before ready")??;
-        if let Message::Text(t) = msg {
-            let v: serde_json::Value = serde_json::from_str(&t).context("a non-JSON event")?;
-            match v["type"].as_str() {
-                Some("ready") => break,
-                Some("error") => bail!("server error: {}", v["message"]),
-                _ => {}
-            }
-        }
-    }
+    let mut link = Link::connect(opts.transport, addr).await?;
 
     let start = Instant::now();
     let mut ticks = tokio::time::interval_at(
@@ -192,9 +169,9 @@ async fn drive_inner(
                     Phase::Hangup { at_s } if now >= *at_s => break,
                     _ => &silence,
                 };
-                let mut bytes: Vec<u8> = frame.iter().flat_map(|s| s.to_le_bytes()).collect();
-                bytes.resize(FRAME * 2, 0);
-                tx.send(Message::Binary(bytes.into())).await.context("sending audio")?;
+                let mut frame = frame.to_vec();
+                frame.resize(FRAME, 0);
+                link.send(&frame).await?;
                 frames_sent += 1;
                 if let Phase::Speak { turn, pos } = phase {
                     if pos >= turns[turn].pcm.len() {
@@ -206,23 +183,19 @@ async fn drive_inner(
                     }
                 }
             }
-            msg = rx.next() => {
+            incoming = link.recv() => {
                 // Media time t is spoken at wall time start + t (frame k leaves at start + (k + 1) * 20 ms,
                 // once its last sample has been spoken), so arrivals share the media axis.
                 let at = start.elapsed().as_secs_f64();
-                let Some(msg) = msg else { bail!("the server closed the session") };
-                match msg.context("reading from the server")? {
-                    Message::Binary(b) => {
-                        let audible = b
-                            .chunks_exact(2)
-                            .any(|s| i32::from(i16::from_le_bytes([s[0], s[1]])).abs() > AUDIBLE);
+                match incoming? {
+                    None => bail!("the server closed the session"),
+                    Some(Incoming::Audio { audible }) => {
                         if audible && at > reference_s && agent_began.is_none() {
                             agent_began = Some(at);
                         }
                         log.audio.push((at, audible));
                     }
-                    Message::Text(t) => {
-                        let v: serde_json::Value = serde_json::from_str(&t).context("a non-JSON event")?;
+                    Some(Incoming::Event(v)) => {
                         if v["type"] == "turn" && agent_began.is_some_and(|b| at >= b) {
                             agent_done = true;
                         }
@@ -232,21 +205,19 @@ async fn drive_inner(
                         }
                         log.events.push((at, v));
                     }
-                    Message::Close(_) => bail!("the server closed the session"),
-                    _ => {}
                 }
             }
         }
     }
-    tx.send(Message::Text(r#"{"type":"bye"}"#.into())).await?;
     // Late events (the last turn's) may still be on their way.
     let drain_until = Instant::now() + Duration::from_secs(2);
-    while let Ok(Some(Ok(msg))) = tokio::time::timeout_at(drain_until.into(), rx.next()).await {
-        if let Message::Text(t) = msg {
-            if let Ok(v) = serde_json::from_str(&t) {
-                log.events.push((start.elapsed().as_secs_f64(), v));
-            }
+    while let Ok(Ok(Some(incoming))) =
+        tokio::time::timeout_at(drain_until.into(), link.recv()).await
+    {
+        if let Incoming::Event(v) = incoming {
+            log.events.push((start.elapsed().as_secs_f64(), v));
         }
     }
+    link.hang_up().await;
     Ok(())
 }

@@ -12,6 +12,7 @@
 mod analyze;
 mod baselines;
 mod client;
+mod link;
 mod report;
 mod scenario;
 mod svg;
@@ -87,6 +88,10 @@ pub struct BenchArgs {
     /// (its configuration is then yours to match with --config).
     #[arg(long, value_name = "HOST:PORT")]
     pub server: Option<String>,
+    /// How the callers reach the server: `websocket` (PCM16) or `webrtc` (Opus over DTLS-SRTP,
+    /// a webrtc-rs peer per caller).
+    #[arg(long, value_enum, default_value = "websocket")]
+    pub transport: link::Transport,
 }
 
 /// The server under test; killed when dropped.
@@ -224,6 +229,7 @@ pub fn run(args: BenchArgs, config_path: Option<&Path>) -> anyhow::Result<()> {
     let opts = DriveOptions {
         reply_timeout_s: args.reply_timeout_ms as f64 / 1000.0,
         tail_s: 0.5,
+        transport: args.transport,
     };
     let load_before = loadavg();
     let server = match &args.server {

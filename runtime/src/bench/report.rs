@@ -342,11 +342,8 @@ pub fn markdown(c: &Context) -> String {
             ms(t.v2v_ms),
             t.speculative.as_deref().unwrap_or("n/a"),
             ms(t.barge_in_stop_ms),
-            t.user_text.as_deref().unwrap_or("").replace('|', "/"),
-            t.agent_text
-                .as_deref()
-                .unwrap_or("")
-                .replace('|', "/")
+            table_cell(t.user_text.as_deref().unwrap_or("")),
+            table_cell(t.agent_text.as_deref().unwrap_or(""))
                 .chars()
                 .take(80)
                 .collect::<String>()
@@ -439,4 +436,12 @@ pub fn write_plots(dir: &Path, c: &Context) -> anyhow::Result<()> {
         ),
     )?;
     Ok(())
+}
+
+/// Text fit for one Markdown table cell: no pipes, no line breaks (LLM answers have both).
+fn table_cell(text: &str) -> String {
+    text.replace('|', "/")
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
 }
