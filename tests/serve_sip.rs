@@ -82,6 +82,41 @@ fn wait_for_sip(sip: &str) {
     panic!("the SIP listener at {sip} never answered OPTIONS");
 }
 
+/// Starts a sipp caller on `scenario` against `sip`; returns it and the server's RTP port, which
+/// the scenario writes to `port_file` from the 200 OK's SDP.
+fn sipp_call(
+    scenario: &Path,
+    sip: &str,
+    port_file: &Path,
+    extra: &[&str],
+) -> (std::process::Child, u16) {
+    let sipp = Command::new("sipp")
+        .arg("-sf")
+        .arg(scenario)
+        .args(["-m", "1", "-i", "127.0.0.1", "-mi", "127.0.0.1", "-nostdin"])
+        .args(["-timeout", "90s", "-timeout_error"])
+        .arg("-set")
+        .arg("port_file")
+        .arg(port_file)
+        .args(extra)
+        .arg(sip)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("sipp is installed (apt-get install sip-tester; scripts/install-deps does)");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(port) = std::fs::read_to_string(port_file)
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+        {
+            return (sipp, port);
+        }
+        assert!(Instant::now() < deadline, "sipp never got the 200 OK");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn a_sipp_call_gets_a_spoken_answer_over_rtp() {
     let sip_port = free_udp_port();
@@ -91,32 +126,7 @@ fn a_sipp_call_gets_a_spoken_answer_over_rtp() {
     let dir = tempfile::tempdir().expect("temp dir");
     let port_file = dir.path().join("rtp-port");
     let scenario = Path::new(env!("CARGO_MANIFEST_DIR")).join("sip/uac.xml");
-    let mut sipp = Command::new("sipp")
-        .arg("-sf")
-        .arg(&scenario)
-        .args(["-m", "1", "-i", "127.0.0.1", "-mi", "127.0.0.1", "-nostdin"])
-        .args(["-timeout", "90s", "-timeout_error"])
-        .arg("-set")
-        .arg("port_file")
-        .arg(&port_file)
-        .args(["-d", "22000"])
-        .arg(&sip)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("sipp is installed (apt-get install sip-tester; scripts/install-deps does)");
-
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let rtp_port: u16 = loop {
-        if let Some(port) = std::fs::read_to_string(&port_file)
-            .ok()
-            .and_then(|t| t.trim().parse().ok())
-        {
-            break port;
-        }
-        assert!(Instant::now() < deadline, "sipp never got the 200 OK");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let (mut sipp, rtp_port) = sipp_call(&scenario, &sip, &port_file, &["-d", "22000"]);
 
     // The caller's question at 8 kHz (pairs averaged: espeak has little energy above 4 kHz),
     // then silence for as long as the agent answers.
@@ -179,6 +189,152 @@ fn a_sipp_call_gets_a_spoken_answer_over_rtp() {
     assert!(
         metrics.contains("sip"),
         "no SIP session in /metrics:\n{metrics}"
+    );
+}
+
+/// The lab-results agent hands a clinical question to a nurse: once its "I'll connect you with
+/// a nurse" has played, the server REFERs the caller (sipp) to `--sip-transfer-to`, takes the
+/// 202 and the NOTIFY saying the nurse answered, and hangs up with BYE.
+#[test]
+fn a_clinical_question_is_transferred_to_a_nurse_with_refer() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let audit = dir.path().join("audit.jsonl");
+    let patients = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/patients");
+    let config = dir.path().join("talkline.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[agent]\nkind = \"lab-results\"\n[agent.lab_results]\npatients = {:?}\naudit_log = {:?}\n",
+            patients.display().to_string(),
+            audit.display().to_string()
+        ),
+    )
+    .expect("config written");
+    let sip_port = free_udp_port();
+    let sip = format!("127.0.0.1:{sip_port}");
+    let config_arg = config.to_str().expect("a UTF-8 temp path");
+    let transfer_to = "sip:nurse@127.0.0.1:5999";
+    let _server = start_server(&[
+        "--config",
+        config_arg,
+        "--sip-listen",
+        &sip,
+        "--sip-transfer-to",
+        transfer_to,
+    ]);
+    wait_for_sip(&sip);
+    let port_file = dir.path().join("rtp-port");
+    let scenario = Path::new(env!("CARGO_MANIFEST_DIR")).join("sip/uac_transfer.xml");
+    let (mut sipp, rtp_port) = sipp_call(&scenario, &sip, &port_file, &[]);
+
+    // Silence until the greeting has played (agent RTP, then a pause in it), then the question,
+    // then silence until sipp's scenario (REFER, NOTIFY, BYE) is over. Whisper tiny hears
+    // espeak at 8 kHz imperfectly ("stop" may become "start"), so the question names its topic
+    // twice and is asked again when no transfer has come within ASK_AGAIN_FRAMES.
+    const ASK_AGAIN_FRAMES: usize = 15 * 50;
+    let speech16 = espeak_16k("Should I stop taking my medication?");
+    let question: Vec<f32> = speech16
+        .chunks(2)
+        .map(|p| p.iter().sum::<f32>() / p.len() as f32)
+        .collect();
+    let socket = UdpSocket::bind("127.0.0.1:0").expect("an RTP socket");
+    socket.set_nonblocking(true).expect("non-blocking");
+    let target = format!("127.0.0.1:{rtp_port}");
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs(80);
+    let (mut greeting_heard, mut last_agent_packet) = (false, start);
+    let mut question_at: Option<usize> = None;
+    let mut buf = [0u8; 2048];
+    let mut finished = None;
+    for i in 0usize.. {
+        let due = start + Duration::from_millis(20 * i as u64);
+        std::thread::sleep(due.saturating_duration_since(Instant::now()));
+        while let Ok((n, _)) = socket.recv_from(&mut buf) {
+            if n >= 12 {
+                greeting_heard = true;
+                last_agent_packet = Instant::now();
+            }
+        }
+        let greeting_over =
+            greeting_heard && last_agent_packet.elapsed() > Duration::from_millis(800);
+        if question_at.is_none() && (greeting_over || start.elapsed() > Duration::from_secs(20)) {
+            question_at = Some(i);
+        }
+        if question_at.is_some_and(|q| i - q >= ASK_AGAIN_FRAMES) {
+            question_at = Some(i);
+        }
+        let frame: Vec<u8> = match question_at {
+            Some(q) => {
+                let from = (i - q) * 160;
+                (0..160)
+                    .map(|k| {
+                        mulaw((question.get(from + k).copied().unwrap_or(0.0) * 32767.0) as i16)
+                    })
+                    .collect()
+            }
+            None => vec![mulaw(0); 160],
+        };
+        let packet = rtp(0, 3_000u16.wrapping_add(i as u16), 160 * i as u32, &frame);
+        let _ = socket.send_to(&packet, &target);
+        if i % 25 == 0 {
+            if let Ok(Some(status)) = sipp.try_wait() {
+                finished = Some(status.success());
+                break;
+            }
+        }
+        if Instant::now() > deadline {
+            break;
+        }
+    }
+    let ok = match finished {
+        Some(ok) => ok,
+        None => wait_with_timeout(&mut sipp, Duration::from_secs(5)),
+    };
+    assert!(greeting_heard, "the agent's greeting never arrived as RTP");
+    assert!(
+        ok,
+        "sipp's transfer (REFER 202, NOTIFY sipfrag 200, BYE) did not succeed"
+    );
+    let audit = std::fs::read_to_string(&audit).expect("an audit log");
+    assert!(
+        audit.contains("transfer"),
+        "no transfer in the audit log: {audit}"
+    );
+}
+
+/// `--sip-register`: sipp as the registrar challenges the first REGISTER (401, digest), checks
+/// the answer against the password, and expects the refresh before the short binding lapses.
+#[test]
+fn the_server_registers_with_digest_auth_and_refreshes() {
+    let registrar_port = free_udp_port();
+    let scenario = Path::new(env!("CARGO_MANIFEST_DIR")).join("sip/registrar.xml");
+    let mut sipp = Command::new("sipp")
+        .arg("-sf")
+        .arg(&scenario)
+        .args(["-m", "1", "-i", "127.0.0.1", "-nostdin"])
+        .args(["-p", &registrar_port.to_string()])
+        .args(["-timeout", "30s", "-timeout_error"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("sipp is installed (apt-get install sip-tester; scripts/install-deps does)");
+    // sipp binds its port before it reads; a REGISTER sent earlier is retransmitted anyway.
+    std::thread::sleep(Duration::from_millis(300));
+    let sip = format!("127.0.0.1:{}", free_udp_port());
+    let aor = format!("sip:agent@127.0.0.1:{registrar_port}");
+    let _server = start_server(&[
+        "--sip-listen",
+        &sip,
+        "--sip-register",
+        &aor,
+        "--sip-password",
+        "secret",
+        "--sip-register-expires",
+        "60",
+    ]);
+    assert!(
+        wait_with_timeout(&mut sipp, Duration::from_secs(40)),
+        "sipp's registrar did not see a valid digest answer and a refresh"
     );
 }
 

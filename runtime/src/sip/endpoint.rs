@@ -6,6 +6,10 @@
 //! once the transport has a media port, or a final error), retransmits the final response until
 //! the ACK (timers G and H), and handles CANCEL, BYE, OPTIONS and re-INVITE (hold). As a UAC it
 //! sends INVITE (timers A and B), ACKs the final response and sends BYE (timers E and F).
+//! Registration (RFC 3261 section 10): REGISTER (timers E and F), answered challenges with
+//! digest auth ([`super::digest`]), and a refresh before the binding expires.
+//! Transfer (RFC 3515): an in-dialog REFER (timers E and F), the NOTIFYs with the transfer's
+//! progress as sipfrag answered 200, and BYE once the target answered the transferee.
 //! In-dialog requests go back to the address the peer's datagrams come from, not to its Contact:
 //! what NAT'ed phones need, and equal to the Contact on a LAN. Route sets are not kept (no
 //! proxies in the path yet).
@@ -14,6 +18,7 @@ use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use super::digest::{self, Challenge};
 use super::message::{self, Malformed, Message, OutgoingRequest, StartLine, ALLOW};
 use super::sdp::{self, LocalMedia, RemoteMedia, SdpError};
 
@@ -25,6 +30,13 @@ pub const T2: Duration = Duration::from_secs(4);
 pub const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(32);
 /// How long an outbound call may ring once the callee answered 1xx.
 pub const RING_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a transfer the peer accepted (202) may take before we hang up anyway: the
+/// transferee's INVITE rings the target for a while, but a final NOTIFY that never comes must
+/// not keep the call with the agent forever.
+pub const TRANSFER_TIMEOUT: Duration = Duration::from_secs(60);
+/// After a failed registration (refused, wrong credentials, no answer), how long until we try
+/// again: a registrar that refuses us is not hammered.
+pub const REGISTER_RETRY: Duration = Duration::from_secs(60);
 /// Seconds a caller refused for lack of sessions is asked to wait.
 pub const RETRY_AFTER_S: u32 = 5;
 /// Answers kept for BYEs of ended calls, so a retransmitted BYE gets 200, not 481. Policy when
@@ -76,6 +88,9 @@ pub enum EndReason {
     Refused(u16),
     /// The callee never answered (timer B or the ring timeout).
     NoAnswer,
+    /// We transferred the caller (REFER) and hung up once the target answered, or once the
+    /// transfer's final NOTIFY was overdue.
+    Transferred,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,6 +120,13 @@ struct Retransmit {
 }
 
 impl Retransmit {
+    /// RFC 3261 17.1.2.2, Proceeding (a provisional answer came): keep retransmitting, but only
+    /// every T2.
+    fn proceeding(&mut self, now: Instant) {
+        self.interval = T2;
+        self.next = Some(now + T2);
+    }
+
     fn new(now: Instant, data: Vec<u8>, to: SocketAddr, cap: Option<Duration>) -> Self {
         Self {
             data,
@@ -118,6 +140,41 @@ impl Retransmit {
 
     fn deadline(&self) -> Instant {
         self.next.map_or(self.give_up, |n| n.min(self.give_up))
+    }
+
+    /// The datagram to send again when its retransmission is due, doubling the interval.
+    fn fire(&mut self, now: Instant) -> Option<Event> {
+        if self.next.is_none_or(|n| n > now) {
+            return None;
+        }
+        self.interval = match self.cap {
+            Some(cap) => (self.interval * 2).min(cap),
+            None => self.interval * 2,
+        };
+        self.next = Some(now + self.interval);
+        Some(Event::Send {
+            to: self.to,
+            data: self.data.clone(),
+        })
+    }
+}
+
+/// Our REFER and the implicit subscription to its progress (RFC 3515).
+#[derive(Debug)]
+struct Transfer {
+    /// The REFER until its final response (timers E and F).
+    retransmit: Option<Retransmit>,
+    cseq: u32,
+    /// Once accepted: when we stop waiting for the final NOTIFY and hang up.
+    deadline: Option<Instant>,
+}
+
+impl Transfer {
+    fn deadline(&self) -> Option<Instant> {
+        self.retransmit
+            .as_ref()
+            .map(Retransmit::deadline)
+            .or(self.deadline)
     }
 }
 
@@ -142,6 +199,47 @@ struct Call {
     request: Option<(String, u32)>,
     local_media: LocalMedia,
     remote: Option<RemoteMedia>,
+    /// Our transfer of this call, while one is under way.
+    transfer: Option<Transfer>,
+}
+
+/// What `--sip-register` asks for.
+#[derive(Clone)]
+pub struct RegisterConfig {
+    /// Our address of record, `sip:user@registrar[:port]`.
+    pub aor: String,
+    /// Where the registrar listens.
+    pub registrar: SocketAddr,
+    pub username: String,
+    pub password: String,
+    /// The binding's lifetime we ask for, in seconds.
+    pub expires: u32,
+}
+
+/// The registration we keep up. Not `Debug`: it holds the password.
+struct Registration {
+    config: RegisterConfig,
+    /// `sip:registrar[:port]`, the REGISTER's request URI.
+    uri: String,
+    call_id: String,
+    local_tag: String,
+    cseq: u32,
+    /// The pending REGISTER (timers E and F).
+    retransmit: Option<Retransmit>,
+    /// When the next REGISTER goes out (a refresh, or a retry after a failure).
+    next: Option<Instant>,
+    /// The challenge the pending REGISTER answers and how often that nonce was used: a second
+    /// challenge that is not `stale` means the credentials are wrong, not the nonce old.
+    answered: Option<(Challenge, u32)>,
+}
+
+impl Registration {
+    fn deadline(&self) -> Option<Instant> {
+        self.retransmit
+            .as_ref()
+            .map(Retransmit::deadline)
+            .or(self.next)
+    }
 }
 
 /// Our own addresses, as written into headers and SDP.
@@ -157,6 +255,7 @@ pub struct Endpoint {
     /// Answers to BYEs of ended calls, until they expire.
     ended: HashMap<CallId, (Vec<u8>, SocketAddr, Instant)>,
     events: VecDeque<Event>,
+    registration: Option<Registration>,
     /// Seed and counter for tags, branches and Call-IDs.
     seed: u64,
     counter: u64,
@@ -170,6 +269,7 @@ impl Endpoint {
             calls: HashMap::new(),
             ended: HashMap::new(),
             events: VecDeque::new(),
+            registration: None,
             seed,
             counter: 0,
         }
@@ -187,8 +287,17 @@ impl Endpoint {
     pub fn poll_timeout(&self) -> Option<Instant> {
         let calls = self.calls.values();
         let retransmits = calls.filter_map(|c| c.retransmit.as_ref().map(Retransmit::deadline));
+        let transfers = self
+            .calls
+            .values()
+            .filter_map(|c| c.transfer.as_ref().and_then(Transfer::deadline));
         let expiries = self.ended.values().map(|(_, _, expiry)| *expiry);
-        retransmits.chain(expiries).min()
+        let registration = self.registration.as_ref().and_then(Registration::deadline);
+        retransmits
+            .chain(transfers)
+            .chain(expiries)
+            .chain(registration)
+            .min()
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
@@ -201,6 +310,202 @@ impl Endpoint {
             .collect();
         for id in due {
             self.retransmit_or_give_up(now, &id);
+        }
+        let transfers: Vec<CallId> = self
+            .calls
+            .iter()
+            .filter(|(_, c)| {
+                c.transfer
+                    .as_ref()
+                    .and_then(Transfer::deadline)
+                    .is_some_and(|d| d <= now)
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in transfers {
+            self.transfer_timeout(now, &id);
+        }
+        self.registration_timeout(now);
+    }
+
+    /// Starts registering (and keeps the registration up) as `config` says.
+    pub fn register(&mut self, now: Instant, config: RegisterConfig) {
+        let host = config.aor.rsplit('@').next().unwrap_or_default();
+        let host = host.split(';').next().unwrap_or_default();
+        self.registration = Some(Registration {
+            uri: format!("sip:{host}"),
+            config,
+            call_id: format!("{}@talkline", self.next_id()),
+            local_tag: self.next_id(),
+            cseq: 0,
+            retransmit: None,
+            next: None,
+            answered: None,
+        });
+        self.send_register(now, None);
+    }
+
+    /// A REGISTER, answering `authorization` (`Proxy-Authorization` when `proxy`) if given.
+    fn send_register(&mut self, now: Instant, authorization: Option<(bool, String)>) {
+        let local = self.local;
+        let branch = self.next_id();
+        let Some(r) = self.registration.as_mut() else {
+            return;
+        };
+        r.cseq += 1;
+        let contact = contact_of(&local);
+        let mut headers = vec![("Expires", r.config.expires.to_string())];
+        if let Some((proxy, value)) = authorization {
+            let name = if proxy {
+                "Proxy-Authorization"
+            } else {
+                "Authorization"
+            };
+            headers.push((name, value));
+        }
+        let aor = format!("<{}>", r.config.aor);
+        let register = OutgoingRequest {
+            method: "REGISTER",
+            uri: &r.uri,
+            via: via(&local, &branch),
+            from: &format!("{aor};tag={}", r.local_tag),
+            to: &aor,
+            call_id: &r.call_id,
+            cseq: r.cseq,
+            contact: Some(&contact),
+            body: None,
+        }
+        .to_bytes_with(&headers);
+        let to = r.config.registrar;
+        r.retransmit = Some(Retransmit::new(now, register.clone(), to, Some(T2)));
+        r.next = None;
+        self.send(to, register);
+    }
+
+    fn registration_timeout(&mut self, now: Instant) {
+        let Some(r) = self.registration.as_mut() else {
+            return;
+        };
+        if let Some(t) = r.retransmit.as_mut() {
+            if t.give_up <= now {
+                tracing::warn!(registrar = %r.config.registrar, "REGISTER unanswered (timer F)");
+                r.retransmit = None;
+                r.answered = None;
+                r.next = Some(now + REGISTER_RETRY);
+            } else if let Some(send) = t.fire(now) {
+                self.events.push_back(send);
+            }
+            return;
+        }
+        if r.next.is_some_and(|n| n <= now) {
+            r.answered = None;
+            self.send_register(now, None);
+        }
+    }
+
+    fn handle_register_response(&mut self, now: Instant, code: u16, m: &Message) {
+        let Some(r) = self.registration.as_mut() else {
+            return;
+        };
+        if r.call_id != m.call_id || r.cseq != m.cseq {
+            return;
+        }
+        let Some(t) = r.retransmit.as_mut() else {
+            // A retransmitted final response.
+            return;
+        };
+        if code < 200 {
+            t.proceeding(now);
+            return;
+        }
+        r.retransmit = None;
+        if (200..300).contains(&code) {
+            // The registrar may grant less than we asked: its Contact's expires, else Expires.
+            let granted = m
+                .contact
+                .as_deref()
+                .and_then(|c| message::param(c, "expires"))
+                .and_then(|e| e.trim().parse().ok())
+                .or(m.expires)
+                .unwrap_or(r.config.expires)
+                .max(1);
+            // Refresh at four fifths of the lifetime: time for a challenge round trip and
+            // retransmissions before the binding lapses.
+            let refresh = Duration::from_secs(u64::from(granted)) * 4 / 5;
+            tracing::info!(aor = %r.config.aor, expires = granted, "registered");
+            r.answered = None;
+            r.next = Some(now + refresh.max(Duration::from_secs(1)));
+            return;
+        }
+        if code == 401 || code == 407 {
+            let challenge = m
+                .challenge
+                .as_ref()
+                .and_then(|(proxy, v)| digest::parse_challenge(v).map(|c| (*proxy, c)));
+            if let Some((proxy, challenge)) = challenge {
+                let nc = match &r.answered {
+                    // Challenged again, and not for a stale nonce: the credentials are wrong;
+                    // answering again would only be refused again.
+                    Some(_) if !challenge.stale => None,
+                    Some((previous, n)) if previous.nonce == challenge.nonce => Some(n + 1),
+                    _ => Some(1),
+                };
+                if let Some(nc) = nc {
+                    let cnonce = format!("{:016x}", splitmix64(self.seed ^ !self.counter));
+                    self.counter += 1;
+                    let Some(r) = self.registration.as_mut() else {
+                        return;
+                    };
+                    let request = digest::Request {
+                        method: "REGISTER",
+                        uri: &r.uri,
+                        username: &r.config.username,
+                        password: &r.config.password,
+                        cnonce: &cnonce,
+                        nc,
+                    };
+                    let value = digest::authorization(&challenge, &request);
+                    r.answered = Some((challenge, nc));
+                    self.send_register(now, Some((proxy, value)));
+                    return;
+                }
+                tracing::warn!(aor = %r.config.aor, code, "registration refused: wrong credentials?");
+            } else {
+                tracing::warn!(aor = %r.config.aor, code, "registration challenge we cannot answer");
+            }
+        } else {
+            tracing::warn!(aor = %r.config.aor, code, "registration refused");
+        }
+        if let Some(r) = self.registration.as_mut() {
+            r.answered = None;
+            r.next = Some(now + REGISTER_RETRY);
+        }
+    }
+
+    /// Timers E and F of our REFER, then the wait for its final NOTIFY.
+    fn transfer_timeout(&mut self, now: Instant, id: &str) {
+        let Some(call) = self.calls.get_mut(id) else {
+            return;
+        };
+        let Some(transfer) = call.transfer.as_mut() else {
+            return;
+        };
+        if let Some(r) = transfer.retransmit.as_mut() {
+            if r.give_up <= now {
+                // Timer F: a peer that never answers REFER cannot be transferred; the caller
+                // stays with the agent rather than being cut off.
+                tracing::info!(call = %id, "REFER unanswered (timer F): keeping the call");
+                call.transfer = None;
+            } else if let Some(send) = r.fire(now) {
+                self.events.push_back(send);
+            }
+            return;
+        }
+        if transfer.deadline.is_some_and(|d| d <= now) {
+            tracing::info!(call = %id, "no final NOTIFY for the transfer: hanging up");
+            call.transfer = None;
+            self.send_bye(now, id);
+            self.end(id, EndReason::Transferred);
         }
     }
 
@@ -216,16 +521,7 @@ impl Endpoint {
             self.give_up(now, id);
             return;
         }
-        if r.next.is_some_and(|n| n <= now) {
-            r.interval = match r.cap {
-                Some(cap) => (r.interval * 2).min(cap),
-                None => r.interval * 2,
-            };
-            r.next = Some(now + r.interval);
-            let send = Event::Send {
-                to: r.to,
-                data: r.data.clone(),
-            };
+        if let Some(send) = r.fire(now) {
             self.events.push_back(send);
         }
     }
@@ -290,6 +586,7 @@ impl Endpoint {
             "ACK" => self.handle_ack(&m),
             "CANCEL" => self.handle_cancel(now, from, &m),
             "BYE" => self.handle_bye(now, from, &m),
+            "NOTIFY" => self.handle_notify(now, from, &m),
             "OPTIONS" => {
                 let headers = [
                     ("Allow", ALLOW.to_string()),
@@ -334,6 +631,7 @@ impl Endpoint {
             local_media: self.local_media(0),
             remote: Some(remote.clone()),
             invite: Some(m.clone()),
+            transfer: None,
         };
         self.calls.insert(m.call_id.clone(), call);
         self.events.push_back(Event::Incoming {
@@ -377,6 +675,7 @@ impl Endpoint {
             local_media: self.local_media(0),
             remote: None,
             invite: None,
+            transfer: None,
         };
         self.calls.insert(m.call_id, call);
     }
@@ -548,6 +847,12 @@ impl Endpoint {
     }
 
     fn handle_response(&mut self, now: Instant, from: SocketAddr, code: u16, m: Message) {
+        if m.cseq_method == "REFER" {
+            return self.handle_refer_response(now, code, &m);
+        }
+        if m.cseq_method == "REGISTER" {
+            return self.handle_register_response(now, code, &m);
+        }
         let Some(call) = self.calls.get_mut(&m.call_id) else {
             return;
         };
@@ -689,10 +994,121 @@ impl Endpoint {
             request: Some((branch, 1)),
             local_media,
             remote: None,
+            transfer: None,
         };
         self.calls.insert(call_id.clone(), call);
         self.send(peer, invite);
         call_id
+    }
+
+    /// Transfers the call to `target` (`sip:nurse@host`) with an in-dialog REFER; the peer calls
+    /// the target and reports in NOTIFYs, and we hang up once it answered. False when the call
+    /// cannot be transferred now (not confirmed yet, ending, or a transfer under way).
+    pub fn refer(&mut self, now: Instant, id: &str, target: &str) -> bool {
+        let local = self.local;
+        let branch = self.next_id();
+        let Some(call) = self.calls.get_mut(id) else {
+            return false;
+        };
+        if call.state != State::Confirmed || call.transfer.is_some() {
+            return false;
+        }
+        call.local_cseq += 1;
+        let contact = contact_of(&local);
+        let headers = [
+            ("Refer-To", format!("<{target}>")),
+            ("Referred-By", format!("<{contact}>")),
+        ];
+        let refer = OutgoingRequest {
+            method: "REFER",
+            uri: &call.remote_target,
+            via: via(&local, &branch),
+            from: &call.local_party,
+            to: &call.remote_party,
+            call_id: id,
+            cseq: call.local_cseq,
+            contact: Some(&contact),
+            body: None,
+        }
+        .to_bytes_with(&headers);
+        call.transfer = Some(Transfer {
+            retransmit: Some(Retransmit::new(now, refer.clone(), call.peer, Some(T2))),
+            cseq: call.local_cseq,
+            deadline: None,
+        });
+        let peer = call.peer;
+        self.send(peer, refer);
+        true
+    }
+
+    fn handle_refer_response(&mut self, now: Instant, code: u16, m: &Message) {
+        let Some(call) = self.calls.get_mut(&m.call_id) else {
+            return;
+        };
+        let Some(transfer) = call.transfer.as_mut() else {
+            return;
+        };
+        if transfer.cseq != m.cseq {
+            return;
+        }
+        let Some(r) = transfer.retransmit.as_mut() else {
+            // A retransmitted final response, or one after a NOTIFY already said accepted.
+            return;
+        };
+        if code < 200 {
+            r.proceeding(now);
+        } else if code < 300 {
+            tracing::info!(call = %m.call_id, code, "the transfer was accepted");
+            transfer.retransmit = None;
+            transfer.deadline = Some(now + TRANSFER_TIMEOUT);
+        } else {
+            tracing::info!(call = %m.call_id, code, "the transfer was refused: keeping the call");
+            call.transfer = None;
+        }
+    }
+
+    /// The progress of our transfer (RFC 3515 section 2.4.5): the sipfrag's status line is the
+    /// transferee's call to the target; a 2xx there means the target answered.
+    fn handle_notify(&mut self, now: Instant, from: SocketAddr, m: &Message) {
+        let Some(call) = self.calls.get_mut(&m.call_id) else {
+            self.send(from, message::response(m, 481, None, &[], None));
+            return;
+        };
+        let Some(transfer) = call.transfer.as_mut() else {
+            // Once we hung up (BYE pending), a retransmitted final NOTIFY is still answered.
+            let code = if call.state == State::Terminating {
+                200
+            } else {
+                481
+            };
+            self.send(from, message::response(m, code, None, &[], None));
+            return;
+        };
+        let status = sipfrag_status(&m.body);
+        if transfer.retransmit.is_some() {
+            // A NOTIFY overtook the 202: the REFER was accepted.
+            transfer.retransmit = None;
+            transfer.deadline = Some(now + TRANSFER_TIMEOUT);
+        }
+        self.send(from, message::response(m, 200, None, &[], None));
+        match status {
+            Some(code) if (200..300).contains(&code) => {
+                tracing::info!(call = %m.call_id, "the transfer target answered: hanging up");
+                if let Some(call) = self.calls.get_mut(&m.call_id) {
+                    call.transfer = None;
+                }
+                self.send_bye(now, &m.call_id);
+                self.end(&m.call_id, EndReason::Transferred);
+            }
+            Some(code) if code >= 300 => {
+                tracing::info!(call = %m.call_id, code, "the transfer failed: keeping the call");
+                if let Some(call) = self.calls.get_mut(&m.call_id) {
+                    call.transfer = None;
+                }
+            }
+            // Trying, ringing, or a body we cannot read: the final NOTIFY is still to come.
+            _ => {}
+        }
     }
 
     /// We end the call (the session ended, media timed out): BYE once the dialog exists,
@@ -745,6 +1161,14 @@ impl Endpoint {
     fn contact(&self) -> String {
         contact_of(&self.local)
     }
+}
+
+/// The status code of a `message/sipfrag` body's status line (`SIP/2.0 200 OK`).
+fn sipfrag_status(body: &[u8]) -> Option<u16> {
+    let text = std::str::from_utf8(body).ok()?;
+    let line = text.trim_start().lines().next()?;
+    let code = line.strip_prefix("SIP/2.0 ")?.get(..3)?;
+    code.parse().ok().filter(|c| (100..700).contains(c))
 }
 
 fn contact_of(local: &LocalAddresses) -> String {
@@ -1056,5 +1480,307 @@ mod tests {
         assert_eq!(events[0], "ACK sip:patient@127.0.0.1:5070 SIP/2.0");
         assert_eq!(events[1], "Ended");
         assert_eq!(e.active_calls(), 0);
+    }
+
+    /// An answered, acknowledged call and our REFER to a nurse; returns the REFER as parsed.
+    fn transferring_call(e: &mut Endpoint, t0: Instant) -> Message {
+        let tag = answered_call(e, t0);
+        e.handle_datagram(t0, peer(), &request("ACK", 1, Some(&tag), ""));
+        assert!(e.refer(t0, "c1", "sip:nurse@192.0.2.7"));
+        let refer = sent(e);
+        assert_eq!(refer.len(), 1);
+        let text = String::from_utf8_lossy(&refer[0]).into_owned();
+        assert!(
+            text.starts_with("REFER sip:patient@127.0.0.1:5070 SIP/2.0\r\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("Refer-To: <sip:nurse@192.0.2.7>\r\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!(";tag={tag}")),
+            "in the dialog: {text}"
+        );
+        message::parse(&refer[0]).expect("our REFER parses")
+    }
+
+    fn notify(cseq: u32, tag: &str, sipfrag: &str) -> Vec<u8> {
+        format!(
+            "NOTIFY sip:talkline@127.0.0.1:5060 SIP/2.0\r\nVia: SIP/2.0/UDP {PEER};branch=z9hG4bK-n{cseq}\r\n\
+             Max-Forwards: 70\r\nFrom: <sip:patient@127.0.0.1>;tag=p1\r\n\
+             To: <sip:agent@127.0.0.1>;tag={tag}\r\nCall-ID: c1\r\nCSeq: {cseq} NOTIFY\r\n\
+             Event: refer\r\nContent-Type: message/sipfrag\r\nContent-Length: {}\r\n\r\n{sipfrag}",
+            sipfrag.len()
+        )
+        .into_bytes()
+    }
+
+    #[test]
+    fn a_transfer_retransmits_refer_on_timer_e_and_hangs_up_when_the_target_answers() {
+        let mut e = endpoint();
+        let t0 = Instant::now();
+        let refer = transferring_call(&mut e, t0);
+        let tag = refer.from_tag().expect("our tag").to_string();
+        // Timer E: T1, 2*T1, 4*T1, then capped at T2.
+        let mut at = t0;
+        for interval in [500, 1_000, 2_000, 4_000, 4_000] {
+            at += Duration::from_millis(interval);
+            assert_eq!(e.poll_timeout(), Some(at));
+            e.handle_timeout(at);
+            assert_eq!(drain(&mut e), ["REFER sip:patient@127.0.0.1:5070 SIP/2.0"]);
+        }
+        // A second transfer while this one is under way is refused.
+        assert!(!e.refer(at, "c1", "sip:nurse@192.0.2.7"));
+        let accepted = message::response(&refer, 202, None, &[], None);
+        e.handle_datagram(at, peer(), &accepted);
+        assert!(drain(&mut e).is_empty());
+        assert_eq!(e.poll_timeout(), Some(at + TRANSFER_TIMEOUT));
+        e.handle_datagram(at, peer(), &notify(2, &tag, "SIP/2.0 100 Trying\r\n"));
+        assert_eq!(drain(&mut e), ["SIP/2.0 200 OK"]);
+        assert_eq!(e.active_calls(), 1);
+        e.handle_datagram(at, peer(), &notify(3, &tag, "SIP/2.0 200 OK\r\n"));
+        let events: Vec<Event> = std::iter::from_fn(|| e.poll_event()).collect();
+        assert_eq!(events.len(), 3, "{events:?}");
+        let first_lines: Vec<String> = events[..2]
+            .iter()
+            .map(|event| match event {
+                Event::Send { data, .. } => String::from_utf8_lossy(data)
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .to_string(),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            first_lines,
+            ["SIP/2.0 200 OK", "BYE sip:patient@127.0.0.1:5070 SIP/2.0"]
+        );
+        assert!(matches!(
+            &events[2],
+            Event::Ended {
+                reason: EndReason::Transferred,
+                ..
+            }
+        ));
+        // The final NOTIFY again, while our BYE is pending: still 200.
+        e.handle_datagram(at, peer(), &notify(3, &tag, "SIP/2.0 200 OK\r\n"));
+        assert_eq!(drain(&mut e), ["SIP/2.0 200 OK"]);
+    }
+
+    #[test]
+    fn an_unanswered_refer_gives_up_on_timer_f_and_keeps_the_call() {
+        let mut e = endpoint();
+        let t0 = Instant::now();
+        transferring_call(&mut e, t0);
+        let mut at = t0;
+        while let Some(next) = e.poll_timeout() {
+            assert!(next <= t0 + TRANSACTION_TIMEOUT, "timer F bounds the REFER");
+            at = next;
+            e.handle_timeout(at);
+        }
+        assert_eq!(at, t0 + TRANSACTION_TIMEOUT);
+        let events = drain(&mut e);
+        assert!(
+            events.iter().all(|l| l.starts_with("REFER ")),
+            "no BYE: {events:?}"
+        );
+        assert_eq!(e.active_calls(), 1);
+        // Another try is possible.
+        assert!(e.refer(at, "c1", "sip:nurse@192.0.2.7"));
+    }
+
+    #[test]
+    fn a_refused_or_failed_transfer_keeps_the_call() {
+        let mut e = endpoint();
+        let t0 = Instant::now();
+        let refer = transferring_call(&mut e, t0);
+        e.handle_datagram(t0, peer(), &message::response(&refer, 603, None, &[], None));
+        assert!(drain(&mut e).is_empty());
+        assert_eq!(e.poll_timeout(), None);
+        // Accepted, then the target is busy.
+        assert!(e.refer(t0, "c1", "sip:nurse@192.0.2.7"));
+        let refer = message::parse(&sent(&mut e)[0]).expect("our REFER parses");
+        let tag = refer.from_tag().expect("our tag").to_string();
+        e.handle_datagram(t0, peer(), &message::response(&refer, 202, None, &[], None));
+        e.handle_datagram(t0, peer(), &notify(2, &tag, "SIP/2.0 486 Busy Here\r\n"));
+        assert_eq!(drain(&mut e), ["SIP/2.0 200 OK"]);
+        assert_eq!(e.active_calls(), 1);
+        assert_eq!(e.poll_timeout(), None);
+    }
+
+    #[test]
+    fn an_accepted_transfer_without_a_final_notify_hangs_up_after_the_timeout() {
+        let mut e = endpoint();
+        let t0 = Instant::now();
+        let refer = transferring_call(&mut e, t0);
+        e.handle_datagram(t0, peer(), &message::response(&refer, 202, None, &[], None));
+        e.handle_timeout(t0 + TRANSFER_TIMEOUT - Duration::from_millis(1));
+        assert!(drain(&mut e).is_empty());
+        e.handle_timeout(t0 + TRANSFER_TIMEOUT);
+        assert_eq!(
+            drain(&mut e),
+            ["BYE sip:patient@127.0.0.1:5070 SIP/2.0", "Ended"]
+        );
+    }
+
+    #[test]
+    fn refer_needs_a_confirmed_call_and_stray_notifies_get_481() {
+        let mut e = endpoint();
+        let t0 = Instant::now();
+        assert!(!e.refer(t0, "c1", "sip:nurse@192.0.2.7"));
+        e.handle_datagram(t0, peer(), &notify(2, "x", "SIP/2.0 200 OK\r\n"));
+        assert_eq!(
+            drain(&mut e),
+            ["SIP/2.0 481 Call/Transaction Does Not Exist"]
+        );
+        // Answered but not yet acknowledged: no REFER yet.
+        answered_call(&mut e, t0);
+        assert!(!e.refer(t0, "c1", "sip:nurse@192.0.2.7"));
+    }
+
+    #[test]
+    fn sipfrag_status_lines_are_read_and_garbage_is_not() {
+        assert_eq!(sipfrag_status(b"SIP/2.0 200 OK\r\n"), Some(200));
+        assert_eq!(sipfrag_status(b"\r\nSIP/2.0 180 Ringing"), Some(180));
+        assert_eq!(sipfrag_status(b"SIP/2.0 2"), None);
+        assert_eq!(sipfrag_status(b"HTTP/1.1 200 OK"), None);
+        assert_eq!(sipfrag_status(&[0xff, 0xfe]), None);
+        assert_eq!(sipfrag_status(b""), None);
+    }
+
+    fn registering(e: &mut Endpoint, t0: Instant) -> Message {
+        e.register(
+            t0,
+            RegisterConfig {
+                aor: "sip:alice@127.0.0.1:5070".into(),
+                registrar: peer(),
+                username: "alice".into(),
+                password: "secret".into(),
+                expires: 600,
+            },
+        );
+        let sent = sent(e);
+        assert_eq!(sent.len(), 1);
+        let text = String::from_utf8_lossy(&sent[0]).into_owned();
+        assert!(
+            text.starts_with("REGISTER sip:127.0.0.1:5070 SIP/2.0\r\n"),
+            "{text}"
+        );
+        assert!(text.contains("Expires: 600\r\n"), "{text}");
+        assert!(!text.contains("Authorization"), "{text}");
+        message::parse(&sent[0]).expect("our REGISTER parses")
+    }
+
+    fn challenge(register: &Message, code: u16, nonce: &str, stale: bool) -> Vec<u8> {
+        let name = if code == 407 {
+            "Proxy-Authenticate"
+        } else {
+            "WWW-Authenticate"
+        };
+        let value = format!(
+            "Digest realm=\"pbx\", nonce=\"{nonce}\", qop=\"auth\", algorithm=SHA-256{}",
+            if stale { ", stale=true" } else { "" }
+        );
+        message::response(register, code, Some("registrar"), &[(name, value)], None)
+    }
+
+    #[test]
+    fn register_answers_the_digest_challenge_and_refreshes_before_expiry() {
+        let mut e = endpoint();
+        let t0 = Instant::now();
+        let first = registering(&mut e, t0);
+        // Timer E retransmits the unanswered REGISTER.
+        assert_eq!(e.poll_timeout(), Some(t0 + T1));
+        e.handle_timeout(t0 + T1);
+        assert_eq!(drain(&mut e), ["REGISTER sip:127.0.0.1:5070 SIP/2.0"]);
+        e.handle_datagram(t0 + T1, peer(), &challenge(&first, 401, "n1", false));
+        let second = sent(&mut e);
+        assert_eq!(second.len(), 1);
+        let text = String::from_utf8_lossy(&second[0]).into_owned();
+        assert!(text.contains("Authorization: Digest username=\"alice\", realm=\"pbx\", nonce=\"n1\", uri=\"sip:127.0.0.1:5070\""), "{text}");
+        assert!(
+            text.contains("algorithm=SHA-256, qop=auth, nc=00000001, cnonce="),
+            "{text}"
+        );
+        assert!(
+            !text.contains("secret"),
+            "the password never goes on the wire"
+        );
+        let second = message::parse(&second[0]).expect("parses");
+        assert_eq!(second.cseq, first.cseq + 1);
+        assert_eq!(second.call_id, first.call_id);
+        // The registrar grants 300 s of the 600 asked: refresh at 240 s.
+        let contact = [(
+            "Contact",
+            "<sip:talkline@127.0.0.1:5060>;expires=300".to_string(),
+        )];
+        e.handle_datagram(
+            t0 + T1,
+            peer(),
+            &message::response(&second, 200, Some("registrar"), &contact, None),
+        );
+        assert!(drain(&mut e).is_empty());
+        let refresh = t0 + T1 + Duration::from_secs(240);
+        assert_eq!(e.poll_timeout(), Some(refresh));
+        e.handle_timeout(refresh);
+        let again = message::parse(&sent(&mut e)[0]).expect("a refresh");
+        assert_eq!(again.cseq, second.cseq + 1);
+        assert_eq!(again.call_id, first.call_id);
+    }
+
+    #[test]
+    fn wrong_credentials_are_not_retried_at_once_but_after_a_while() {
+        let mut e = endpoint();
+        let t0 = Instant::now();
+        let first = registering(&mut e, t0);
+        e.handle_datagram(t0, peer(), &challenge(&first, 407, "n1", false));
+        let second = sent(&mut e);
+        assert!(String::from_utf8_lossy(&second[0]).contains("Proxy-Authorization: Digest"));
+        let second = message::parse(&second[0]).expect("parses");
+        // Challenged again with a fresh nonce, not stale: the password is wrong.
+        e.handle_datagram(t0, peer(), &challenge(&second, 407, "n2", false));
+        assert!(drain(&mut e).is_empty());
+        assert_eq!(e.poll_timeout(), Some(t0 + REGISTER_RETRY));
+        e.handle_timeout(t0 + REGISTER_RETRY);
+        let retry = sent(&mut e);
+        assert!(!String::from_utf8_lossy(&retry[0]).contains("Authorization"));
+    }
+
+    #[test]
+    fn a_stale_nonce_is_answered_again_and_a_silent_registrar_is_retried_later() {
+        let mut e = endpoint();
+        let t0 = Instant::now();
+        let first = registering(&mut e, t0);
+        e.handle_datagram(t0, peer(), &challenge(&first, 401, "n1", false));
+        let second = message::parse(&sent(&mut e)[0]).expect("parses");
+        e.handle_datagram(t0, peer(), &challenge(&second, 401, "n2", true));
+        let third = sent(&mut e);
+        assert!(String::from_utf8_lossy(&third[0]).contains("nonce=\"n2\""));
+        // No answer at all: timer F, then a retry after REGISTER_RETRY.
+        let mut at = t0;
+        while let Some(next) = e.poll_timeout() {
+            if next > t0 + TRANSACTION_TIMEOUT {
+                break;
+            }
+            at = next;
+            e.handle_timeout(at);
+        }
+        assert_eq!(at, t0 + TRANSACTION_TIMEOUT);
+        assert_eq!(e.poll_timeout(), Some(at + REGISTER_RETRY));
+        // A challenge in a garbled header is not answered.
+        drain(&mut e);
+        e.handle_timeout(at + REGISTER_RETRY);
+        let fourth = message::parse(&sent(&mut e)[0]).expect("parses");
+        let garbled = message::response(
+            &fourth,
+            401,
+            None,
+            &[("WWW-Authenticate", "Digest \"\"".into())],
+            None,
+        );
+        e.handle_datagram(at, peer(), &garbled);
+        assert!(drain(&mut e).is_empty());
     }
 }

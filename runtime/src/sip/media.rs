@@ -50,6 +50,10 @@ pub enum MediaEnd {
     Cancelled,
 }
 
+/// Asks the signalling to transfer the call to a human (the agent's reason); called from the
+/// media task when the session reports its transfer, after the agent's last words played.
+pub type TransferHook = Arc<dyn Fn(String) + Send + Sync>;
+
 /// Where and how to send: the negotiated media, which re-INVITEs update.
 pub type RemoteWatch = watch::Receiver<RemoteMedia>;
 
@@ -61,6 +65,7 @@ pub async fn run(
     cancel: CancellationToken,
     name: String,
     media_timeout: Duration,
+    transfer: TransferHook,
 ) -> MediaEnd {
     let socket = Arc::new(socket);
     let latched: Arc<Mutex<Option<SocketAddr>>> = Arc::new(Mutex::new(None));
@@ -84,6 +89,7 @@ pub async fn run(
         remote.clone(),
         latched.clone(),
         output_rx,
+        transfer,
         session_cancel.clone(),
     ));
     let receiver = Receiver {
@@ -279,6 +285,7 @@ async fn send_agent_audio(
     remote: RemoteWatch,
     latched: Arc<Mutex<Option<SocketAddr>>>,
     mut output: mpsc::Receiver<SessionOutput>,
+    transfer: TransferHook,
     stop: CancellationToken,
 ) {
     let seed = stream_seed(&socket);
@@ -291,9 +298,17 @@ async fn send_agent_audio(
             out = output.recv() => out,
         };
         let Some(out) = out else { return };
-        let SessionOutput::Audio(samples) = out else {
+        let samples = match out {
+            SessionOutput::Audio(samples) => samples,
+            // The session emits this once the agent's "I'll connect you" has played.
+            SessionOutput::Event(event) if event["type"] == "transfer" => {
+                let reason = event["reason"].as_str().unwrap_or("unspecified");
+                transfer(reason.to_string());
+                continue;
+            }
             // Clear (barge-in) has nothing to recall on RTP: packets already sent are played.
-            continue;
+            // Other events (turn metrics) are for clients that have a data channel.
+            SessionOutput::Clear | SessionOutput::Event(_) => continue,
         };
         let (current_law, target, sending) = {
             let media = remote.borrow();

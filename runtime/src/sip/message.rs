@@ -12,8 +12,9 @@ use rsip::Header;
 /// section 18.1.1), and a larger one is dropped by the socket read.
 pub const MAX_DATAGRAM: usize = 65_535;
 
-/// Methods we answer; the `Allow` header of our responses.
-pub const ALLOW: &str = "INVITE, ACK, BYE, CANCEL, OPTIONS";
+/// Methods we answer; the `Allow` header of our responses. NOTIFY only within a dialog: the
+/// progress of a transfer we asked for with REFER.
+pub const ALLOW: &str = "INVITE, ACK, BYE, CANCEL, OPTIONS, NOTIFY";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StartLine {
@@ -33,6 +34,10 @@ pub struct Message {
     pub cseq: u32,
     pub cseq_method: String,
     pub contact: Option<String>,
+    /// A 401's `WWW-Authenticate` (false) or a 407's `Proxy-Authenticate` (true) value.
+    pub challenge: Option<(bool, String)>,
+    /// The `Expires` header, in seconds.
+    pub expires: Option<u32>,
     pub body: Vec<u8>,
 }
 
@@ -119,6 +124,15 @@ fn parse_strict(datagram: &[u8]) -> Option<Result<Message, Malformed>> {
             Header::CallId(v) => fields.call_id = Some(v.value().to_string()),
             Header::CSeq(v) => fields.cseq = Some(v.value().to_string()),
             Header::Contact(v) => fields.contact = Some(v.value().to_string()),
+            // The first Digest challenge is the one answered; registrars list their preferred
+            // algorithm first (RFC 8760 section 2.4).
+            Header::WwwAuthenticate(v) if fields.challenge.is_none() => {
+                fields.challenge = Some((false, v.value().to_string()))
+            }
+            Header::ProxyAuthenticate(v) if fields.challenge.is_none() => {
+                fields.challenge = Some((true, v.value().to_string()))
+            }
+            Header::Expires(v) => fields.expires = v.value().trim().parse().ok(),
             _ => {}
         }
     }
@@ -133,6 +147,8 @@ struct Fields {
     call_id: Option<String>,
     cseq: Option<String>,
     contact: Option<String>,
+    challenge: Option<(bool, String)>,
+    expires: Option<u32>,
 }
 
 impl Fields {
@@ -147,6 +163,8 @@ impl Fields {
             cseq: number.trim().parse().ok()?,
             cseq_method: method.trim().to_ascii_uppercase(),
             contact: self.contact,
+            challenge: self.challenge,
+            expires: self.expires,
             body,
             vias: self.vias,
         };
@@ -166,6 +184,8 @@ impl Fields {
             cseq: parts.next().and_then(|n| n.parse().ok()).unwrap_or(0),
             cseq_method: parts.next().unwrap_or_default().to_ascii_uppercase(),
             contact: self.contact,
+            challenge: self.challenge,
+            expires: self.expires,
             body: Vec::new(),
             vias: self.vias,
         }
@@ -333,6 +353,11 @@ pub struct OutgoingRequest<'a> {
 
 impl OutgoingRequest<'_> {
     pub fn to_bytes(&self) -> Vec<u8> {
+        self.to_bytes_with(&[])
+    }
+
+    /// The request with headers only some methods carry (REFER's `Refer-To`).
+    pub fn to_bytes_with(&self, extra_headers: &[(&str, String)]) -> Vec<u8> {
         let mut text = format!("{} {} SIP/2.0\r\n", self.method, self.uri);
         text += &format!("Via: {}\r\n", self.via);
         text += "Max-Forwards: 70\r\n";
@@ -343,6 +368,9 @@ impl OutgoingRequest<'_> {
         text += &format!("CSeq: {} {}\r\n", self.cseq, self.method);
         if let Some(contact) = self.contact {
             text += &format!("Contact: <{contact}>\r\n");
+        }
+        for (name, value) in extra_headers {
+            text += &format!("{name}: {value}\r\n");
         }
         text += "User-Agent: talkline\r\n";
         finish(text, self.body)

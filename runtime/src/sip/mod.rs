@@ -2,10 +2,11 @@
 //! --sip-listen`), and the agent calls patients (`talkline call sip:user@host:port`).
 //!
 //! Layers: [`message`] (rsip parsing, our message text), [`endpoint`] (transactions and dialogs,
-//! sans-I/O), [`sdp`] (G.711 offer/answer), [`rtp`] and [`g711`] (packets, DTMF, codecs), and
+//! sans-I/O; REGISTER with [`digest`] auth, REFER), [`sdp`] (G.711 offer/answer), [`rtp`] and [`g711`] (packets, DTMF, codecs), and
 //! [`media`] (one call's RTP socket and session). This file is the I/O: one UDP socket for
 //! signalling, a socket per call for RTP, session slots shared with the other transports.
 
+pub mod digest;
 pub mod endpoint;
 pub mod g711;
 pub mod media;
@@ -43,6 +44,36 @@ pub struct SipArgs {
     /// Seconds without RTP from the caller before the call is hung up (BYE).
     #[arg(long, default_value_t = 30.0)]
     pub sip_media_timeout: f64,
+    /// Where the agent transfers callers to a human (REFER), e.g. sip:nurse@clinic.example.
+    /// Unset: a transfer the agent asks for is logged and the call stays with the agent.
+    #[arg(long, value_parser = parse_sip_uri)]
+    pub sip_transfer_to: Option<String>,
+    /// Register this address of record with its registrar (digest auth, MD5 or SHA-256) and
+    /// keep it registered, e.g. sip:agent@pbx.example or sip:agent@192.0.2.1:5080.
+    #[arg(long, value_parser = parse_sip_uri)]
+    pub sip_register: Option<String>,
+    /// The digest username. Default: the user part of --sip-register.
+    #[arg(long)]
+    pub sip_username: Option<String>,
+    /// The digest password; better given in the environment than on the command line, where
+    /// other users' `ps` can read it.
+    #[arg(long, env = "TALKLINE_SIP_PASSWORD", hide_env_values = true)]
+    pub sip_password: Option<String>,
+    /// The registration lifetime asked for, in seconds; refreshed at four fifths of what the
+    /// registrar grants.
+    #[arg(long, default_value_t = 3600)]
+    pub sip_register_expires: u32,
+}
+
+/// A `sip:` or `sips:` URI without the characters that would break out of `Refer-To: <...>`.
+fn parse_sip_uri(text: &str) -> Result<String, String> {
+    let scheme = text.starts_with("sip:") || text.starts_with("sips:");
+    let clean = !text.contains(['<', '>', '\r', '\n', ' ', '"']);
+    if scheme && clean && text.contains('@') {
+        Ok(text.to_string())
+    } else {
+        Err(format!("{text:?} is not a sip:user@host URI"))
+    }
 }
 
 /// `talkline call`'s arguments.
@@ -69,8 +100,9 @@ pub struct Slots {
     pub release: Arc<dyn Fn() + Send + Sync>,
 }
 
-/// Commands from calls' media tasks to the signalling loop. Capacity: one per call at most is
-/// ever in flight, so the queue never fills in practice; senders wait when it does.
+/// Commands from calls' media tasks to the signalling loop. Capacity: one or two per call at
+/// most are ever in flight, so the queue never fills in practice. Policy when full: MediaEnded
+/// waits for room; a transfer request is dropped and logged (the call stays with the agent).
 const COMMAND_QUEUE: usize = 64;
 /// How long hanging up at shutdown waits for the BYEs to be answered.
 const BYE_LINGER: Duration = Duration::from_secs(2);
@@ -80,6 +112,9 @@ const RECV_BUFFER: usize = message::MAX_DATAGRAM;
 enum Command {
     /// The call's media ended on its own: hang up.
     MediaEnded(CallId, MediaEnd),
+    /// The agent handed the call to a human (its reason, a category such as
+    /// `clinical-question`): REFER the caller to `--sip-transfer-to`.
+    Transfer(CallId, String),
 }
 
 /// One call in progress, as the I/O layer holds it.
@@ -96,6 +131,8 @@ pub struct Ua {
     slots: Slots,
     media_ip: IpAddr,
     media_timeout: Duration,
+    /// `--sip-transfer-to`: where REFER sends callers.
+    transfer_to: Option<String>,
     calls: HashMap<CallId, CallHandle>,
     commands_tx: mpsc::Sender<Command>,
     commands_rx: mpsc::Receiver<Command>,
@@ -138,6 +175,7 @@ impl Ua {
             slots,
             media_ip,
             media_timeout,
+            transfer_to: None,
             calls: HashMap::new(),
             commands_tx,
             commands_rx,
@@ -180,6 +218,8 @@ impl Ua {
     /// The signalling loop, until `shutdown` or `done` says so.
     async fn run_until(&mut self, shutdown: &CancellationToken, done: impl Fn(&Self) -> bool) {
         let mut buf = vec![0u8; RECV_BUFFER];
+        // What was asked before the loop (a REGISTER at start) goes out now.
+        self.handle_events().await;
         while !done(self) {
             let wake = self
                 .endpoint
@@ -206,6 +246,21 @@ impl Ua {
                     tracing::info!(call = %id, "media ended ({why:?}): hanging up");
                 }
                 self.endpoint.hang_up(Instant::now(), &id);
+            }
+            Command::Transfer(id, reason) => {
+                let Some(target) = self.transfer_to.as_deref() else {
+                    tracing::info!(
+                        call = %id, %reason,
+                        "the agent asked for a transfer but no target is configured \
+                         (--sip-transfer-to): keeping the call"
+                    );
+                    return;
+                };
+                if self.endpoint.refer(Instant::now(), &id, target) {
+                    tracing::info!(call = %id, %reason, %target, "transferring the call (REFER)");
+                } else {
+                    tracing::info!(call = %id, %reason, "the call cannot be transferred now");
+                }
             }
         }
     }
@@ -279,6 +334,14 @@ impl Ua {
         let (remote_tx, remote_rx) = watch::channel(remote);
         let commands = self.commands_tx.clone();
         let release = self.slots.release.clone();
+        let transfers = self.commands_tx.clone();
+        let transfer_id = call.to_string();
+        let request_transfer: media::TransferHook = Arc::new(move |reason: String| {
+            let command = Command::Transfer(transfer_id.clone(), reason);
+            if transfers.try_send(command).is_err() {
+                tracing::warn!(call = %transfer_id, "the command queue is full: transfer dropped");
+            }
+        });
         let media = media::run(
             socket,
             remote_rx,
@@ -286,6 +349,7 @@ impl Ua {
             cancel.clone(),
             format!("sip-{slot}"),
             self.media_timeout,
+            request_transfer,
         );
         let id = call.to_string();
         self.tasks.spawn(async move {
@@ -328,7 +392,7 @@ pub async fn start(
     let Some(listen) = args.sip_listen else {
         return Ok(None);
     };
-    let ua = Ua::bind(
+    let mut ua = Ua::bind(
         listen,
         args.sip_media_ip,
         Duration::from_secs_f64(args.sip_media_timeout.max(1.0)),
@@ -336,6 +400,26 @@ pub async fn start(
         slots,
     )
     .await?;
+    ua.transfer_to = args.sip_transfer_to.clone();
+    if let Some(aor) = &args.sip_register {
+        let registrar = resolve(aor).await?;
+        let user = aor
+            .split_once(':')
+            .and_then(|(_, rest)| rest.split_once('@'))
+            .map_or("", |(user, _)| user);
+        let config = endpoint::RegisterConfig {
+            aor: aor.clone(),
+            registrar,
+            username: args
+                .sip_username
+                .clone()
+                .unwrap_or_else(|| user.to_string()),
+            password: args.sip_password.clone().unwrap_or_default(),
+            expires: args.sip_register_expires.max(1),
+        };
+        ua.endpoint.register(Instant::now(), config);
+        tracing::info!(%aor, %registrar, "registering");
+    }
     tracing::info!("talkline SIP on udp://{}", ua.local_addr()?);
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(ua.run(shutdown.clone()));
