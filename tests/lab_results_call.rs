@@ -43,18 +43,7 @@ async fn silence(sink: &mut Sink) {
 #[test]
 fn a_caller_verifies_by_voice_and_keypad_and_hears_their_blood_sugar() {
     let dir = tempfile::tempdir().unwrap();
-    let audit = dir.path().join("audit.jsonl");
-    let patients = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/patients");
-    let config = dir.path().join("talkline.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[agent]\nkind = \"lab-results\"\n[agent.lab_results]\npatients = {:?}\naudit_log = {:?}\n",
-            patients.display().to_string(),
-            audit.display().to_string()
-        ),
-    )
-    .unwrap();
+    let (config, audit) = talkline_tests::lab_results_config(dir.path());
     let server = start_server(&["--config", config.to_str().unwrap()]);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let agent_said: Vec<String> = rt.block_on(async {
@@ -154,18 +143,8 @@ fn a_caller_verifies_by_voice_and_keypad_and_hears_their_blood_sugar() {
 #[test]
 fn converse_with_the_lab_results_agent_verifies_a_spoken_pin_and_reads_a_result() {
     let dir = tempfile::tempdir().unwrap();
-    let audit = dir.path().join("audit.jsonl");
-    let patients = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/patients");
-    let config = dir.path().join("talkline.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[agent.lab_results]\npatients = {:?}\naudit_log = {:?}\n",
-            patients.display().to_string(),
-            audit.display().to_string()
-        ),
-    )
-    .unwrap();
+    // The config selects lab-results too; `--agent` below says so again, as a user would.
+    let (config, audit) = talkline_tests::lab_results_config(dir.path());
     // Gaps long enough for each prompt of the agent to play out before the caller answers.
     let clip = talkline_tests::spoken_clip(
         &[

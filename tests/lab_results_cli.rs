@@ -403,13 +403,7 @@ fn a_malformed_bundle_names_the_field() {
 #[test]
 fn config_check_loads_the_lab_results_patients() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let config = dir.path().join("talkline.toml");
-    let toml = format!(
-        "[agent]\nkind = \"lab-results\"\n[agent.lab_results]\npatients = {:?}\naudit_log = {:?}\n",
-        patients().display().to_string(),
-        dir.path().join("audit.jsonl").display().to_string()
-    );
-    std::fs::write(&config, toml).expect("written");
+    let (config, _audit) = talkline_tests::lab_results_config(dir.path());
     let out = talkline(
         &[
             "config",

@@ -198,18 +198,7 @@ fn a_sipp_call_gets_a_spoken_answer_over_rtp() {
 #[test]
 fn a_clinical_question_is_transferred_to_a_nurse_with_refer() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let audit = dir.path().join("audit.jsonl");
-    let patients = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/patients");
-    let config = dir.path().join("talkline.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[agent]\nkind = \"lab-results\"\n[agent.lab_results]\npatients = {:?}\naudit_log = {:?}\n",
-            patients.display().to_string(),
-            audit.display().to_string()
-        ),
-    )
-    .expect("config written");
+    let (config, audit) = talkline_tests::lab_results_config(dir.path());
     let sip_port = free_udp_port();
     let sip = format!("127.0.0.1:{sip_port}");
     let config_arg = config.to_str().expect("a UTF-8 temp path");

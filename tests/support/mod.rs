@@ -214,3 +214,18 @@ pub fn start_server(extra: &[&str]) -> Server {
         .to_string();
     Server { child, addr }
 }
+
+/// A `talkline.toml` in `dir` selecting the lab-results agent over `examples/patients`, with the
+/// audit log in `dir`. Returns the config's path and the audit log's.
+pub fn lab_results_config(dir: &Path) -> (PathBuf, PathBuf) {
+    let patients = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/patients");
+    let audit = dir.join("audit.jsonl");
+    let config = dir.join("talkline.toml");
+    let toml = format!(
+        "[agent]\nkind = \"lab-results\"\n[agent.lab_results]\npatients = {:?}\naudit_log = {:?}\n",
+        patients.display().to_string(),
+        audit.display().to_string()
+    );
+    std::fs::write(&config, toml).expect("the config is written");
+    (config, audit)
+}
