@@ -415,3 +415,41 @@ fn malformed_sip_is_answered_or_dropped_and_a_full_server_says_503() {
     );
     assert!(answer.contains("Retry-After: "), "{answer}");
 }
+
+/// `talkline call`: the assistant calls out. sipp answers as a plain UAS (INVITE, 200 with SDP,
+/// ACK); it sends no RTP, so after the media timeout talkline hangs up with BYE, which sipp
+/// must see and answer for its one call to count as a success.
+#[test]
+fn an_outbound_call_is_answered_by_sipp_and_ended_with_bye() {
+    let port = free_udp_port();
+    let mut sipp = Command::new("sipp")
+        .args(["-sn", "uas", "-m", "1", "-i", "127.0.0.1", "-nostdin"])
+        .args(["-p", &port.to_string()])
+        .args(["-timeout", "60s", "-timeout_error"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("sipp is installed (apt-get install sip-tester; scripts/install-deps does)");
+    // A late-binding sipp only delays the call: the INVITE is retransmitted (timer A).
+    let call = talkline_tests::talkline(
+        &[
+            "call",
+            &format!("sip:patient@127.0.0.1:{port}"),
+            "--media-timeout",
+            "3",
+            "--max-tokens",
+            "8",
+        ],
+        &[],
+    );
+    let sipp_status = sipp.wait().expect("sipp ends");
+    assert!(
+        call.status.success(),
+        "talkline call failed: {}",
+        talkline_tests::stderr(&call)
+    );
+    assert!(
+        sipp_status.success(),
+        "sipp did not complete its call: {sipp_status}"
+    );
+}
