@@ -189,18 +189,20 @@ impl WebRtcHub {
             .map_err(|e| OfferError::BadOffer(format!("the offer was refused: {e}")))?;
 
         let (input_tx, input_rx) = mpsc::channel::<Vec<f32>>(INPUT_QUEUE);
+        let (keys_tx, keys_rx) = mpsc::channel::<char>(crate::serve::KEY_QUEUE);
         let (events_tx, events_rx) = mpsc::channel::<serde_json::Value>(EVENT_QUEUE);
         let (channel_tx, channel_rx) = oneshot::channel();
-        self.wire_peer(peer, &call, input_tx, channel_tx, id);
+        self.wire_peer(peer, &call, input_tx, keys_tx, channel_tx, id);
 
         let (output_tx, output_rx) = mpsc::channel::<SessionOutput>(session::OUTPUT_QUEUE);
         let (audio_tx, audio_rx) = mpsc::channel::<Vec<f32>>(AUDIO_OUT_QUEUE);
         let cancel = call.cancel.clone();
         call.tasks.spawn(async move {
-            let result = session::run(
+            let result = session::run_with_keys(
                 shared,
                 RATE,
                 input_rx,
+                Some(keys_rx),
                 output_tx,
                 cancel.clone(),
                 format!("webrtc-{id}"),
@@ -242,6 +244,7 @@ impl WebRtcHub {
         peer: &Arc<RTCPeerConnection>,
         call: &Call,
         input: mpsc::Sender<Vec<f32>>,
+        keys: mpsc::Sender<char>,
         channel: oneshot::Sender<Arc<RTCDataChannel>>,
         id: u64,
     ) {
@@ -255,7 +258,7 @@ impl WebRtcHub {
         let cancel = call.cancel.clone();
         let channel = Mutex::new(Some(channel));
         peer.on_data_channel(Box::new(move |data_channel: Arc<RTCDataChannel>| {
-            let cancel = cancel.clone();
+            let (cancel, keys) = (cancel.clone(), keys.clone());
             let opened = channel.lock().unwrap_or_else(|p| p.into_inner()).take();
             Box::pin(async move {
                 let Some(opened) = opened else {
@@ -264,8 +267,19 @@ impl WebRtcHub {
                 };
                 let cancel_on_bye = cancel.clone();
                 data_channel.on_message(Box::new(move |msg: DataChannelMessage| {
-                    if is_bye(&msg) {
-                        cancel_on_bye.cancel();
+                    match peer_message(&msg) {
+                        Some(PeerMessage::Bye) => cancel_on_bye.cancel(),
+                        Some(PeerMessage::Dtmf { digit }) => {
+                            match crate::serve::parse_key(&digit) {
+                                Some(key) => {
+                                    let _ = keys.try_send(key);
+                                }
+                                None => tracing::info!(call = id, "ignored a bad dtmf digit"),
+                            }
+                        }
+                        None => {
+                            tracing::info!(call = id, "ignored an unknown data channel message")
+                        }
                     }
                     Box::pin(async {})
                 }));
@@ -355,14 +369,17 @@ fn check_offer(offer: &str) -> Result<(), OfferError> {
 #[serde(tag = "type", rename_all = "snake_case")]
 enum PeerMessage {
     Bye,
+    /// A keypad key (`0`-`9`, `*`, `#`), as on `/ws`.
+    Dtmf {
+        digit: String,
+    },
 }
 
-fn is_bye(msg: &DataChannelMessage) -> bool {
-    msg.is_string
-        && matches!(
-            serde_json::from_slice::<PeerMessage>(&msg.data),
-            Ok(PeerMessage::Bye)
-        )
+fn peer_message(msg: &DataChannelMessage) -> Option<PeerMessage> {
+    if !msg.is_string {
+        return None;
+    }
+    serde_json::from_slice(&msg.data).ok()
 }
 
 /// RTP from the peer -> jitter buffer -> Opus decoder (concealing losses) -> 16 kHz -> session.
@@ -562,6 +579,29 @@ async fn drain_rtcp(sender: Arc<RTCRtpSender>, cancel: CancellationToken) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn data_channel_messages_are_bye_or_dtmf_and_anything_else_is_ignored() {
+        let text = |s: &str| DataChannelMessage {
+            is_string: true,
+            data: s.as_bytes().to_vec().into(),
+        };
+        assert!(matches!(
+            peer_message(&text(r#"{"type":"bye"}"#)),
+            Some(PeerMessage::Bye)
+        ));
+        assert!(matches!(
+            peer_message(&text(r#"{"type":"dtmf","digit":"7"}"#)),
+            Some(PeerMessage::Dtmf { digit }) if digit == "7"
+        ));
+        assert!(peer_message(&text("not json")).is_none());
+        assert!(peer_message(&text(r#"{"type":"shout"}"#)).is_none());
+        let binary = DataChannelMessage {
+            is_string: false,
+            data: br#"{"type":"bye"}"#.to_vec().into(),
+        };
+        assert!(peer_message(&binary).is_none());
+    }
 
     #[test]
     fn offers_without_audio_or_a_data_channel_or_that_are_not_sdp_are_bad() {
