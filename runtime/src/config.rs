@@ -23,6 +23,7 @@ pub struct Config {
     pub agent: AgentConfig,
     pub webrtc: WebRtcConfig,
     pub audio: AudioConfig,
+    pub turn: crate::turn::TurnConfig,
 }
 
 /// Processing of the caller's audio before the VAD and the ASR.
@@ -455,6 +456,18 @@ fn sniff(path: &Path, kind: FileKind) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn turn_taking_is_tunable_and_unset_fields_keep_their_defaults() {
+        let config: Config =
+            toml::from_str("[turn]\nunsure_end_delay_s = 0.3\nbarge_in_min_speech_s = 0.5\n")
+                .expect("valid [turn]");
+        let defaults = crate::turn::TurnConfig::default();
+        assert_eq!(config.turn.unsure_end_delay_s, 0.3);
+        assert_eq!(config.turn.barge_in_min_speech_s, 0.5);
+        assert_eq!(config.turn.max_end_delay_s, defaults.max_end_delay_s);
+        assert!(toml::from_str::<Config>("[turn]\nvad_threshold = 0.2\n").is_err());
+    }
 
     #[test]
     fn defaults_need_every_embedded_model() {

@@ -129,7 +129,7 @@ pub fn run(args: ConverseArgs, config_path: Option<&Path>) -> anyhow::Result<()>
     };
     let mut turns = TurnManager::new(TurnConfig {
         vad_threshold: config.vad.threshold,
-        ..TurnConfig::default()
+        ..config.turn.clone()
     });
     let mut history = vec![Message::system(args.system.clone())];
     let mut agent_track: Vec<f32> = Vec::new();

@@ -139,7 +139,7 @@ pub fn load_shared(
         max_tokens,
         turn: TurnConfig {
             vad_threshold: config.vad.threshold,
-            ..TurnConfig::default()
+            ..config.turn.clone()
         },
     })
 }

@@ -22,8 +22,12 @@ use std::collections::VecDeque;
 
 use talkline_asr::streaming::AsrEvent;
 
-#[derive(Debug, Clone)]
+/// Turn-taking, `[turn]` in `talkline.toml` (every field optional).
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct TurnConfig {
+    /// Silence after which the LLM starts on a stable partial transcript, before the turn ends
+    /// (its audio is held until the turn is confirmed).
     pub speculate_after_pause_s: f64,
     /// Silence after a turn that sounds finished (final punctuation) before the agent answers.
     pub min_end_delay_s: f64,
@@ -35,8 +39,13 @@ pub struct TurnConfig {
     pub max_end_delay_s: f64,
     /// End-of-utterance probability at or above which the turn ends without waiting.
     pub end_of_utterance_threshold: f32,
+    /// Speech over the agent shorter than this (a backchannel, a cough) does not interrupt it.
     pub barge_in_min_speech_s: f64,
+    /// The VAD's speech threshold: `[vad] threshold`, not set here.
+    #[serde(skip)]
     pub vad_threshold: f32,
+    /// The VAD threshold while the agent speaks: stronger evidence before its own voice, leaking
+    /// back, can count as the caller.
     pub echo_guard_threshold: f32,
 }
 
