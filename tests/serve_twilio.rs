@@ -5,35 +5,8 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use futures_util::{SinkExt, StreamExt};
-use talkline_tests::{espeak_16k, start_server};
+use talkline_tests::{espeak_16k, mulaw, start_server, unmulaw};
 use tokio_tungstenite::tungstenite::Message;
-
-// G.711 μ-law, written out here independently of the server's codec.
-fn mulaw(sample: i16) -> u8 {
-    let mut s = sample as i32;
-    let sign = if s < 0 {
-        s = -s;
-        0x80
-    } else {
-        0
-    };
-    s = s.min(32_635) + 0x84;
-    let mut exponent = 7;
-    let mut mask = 0x4000;
-    while exponent > 0 && s & mask == 0 {
-        exponent -= 1;
-        mask >>= 1;
-    }
-    let mantissa = (s >> (exponent + 3)) & 0x0F;
-    !(sign | (exponent << 4) | mantissa) as u8
-}
-
-fn unmulaw(byte: u8) -> i16 {
-    let u = !byte;
-    let magnitude = ((((u & 0x0F) as i32) << 3) + 0x84) << ((u >> 4) & 0x07);
-    let v = magnitude - 0x84;
-    (if u & 0x80 != 0 { -v } else { v }) as i16
-}
 
 #[test]
 fn a_phone_call_gets_a_spoken_answer_in_mulaw() {

@@ -229,3 +229,30 @@ pub fn lab_results_config(dir: &Path) -> (PathBuf, PathBuf) {
     std::fs::write(&config, toml).expect("the config is written");
     (config, audit)
 }
+
+/// G.711 μ-law, written out here independently of the server's codec, for the telephony tests.
+pub fn mulaw(sample: i16) -> u8 {
+    let mut s = sample as i32;
+    let sign = if s < 0 {
+        s = -s;
+        0x80
+    } else {
+        0
+    };
+    s = s.min(32_635) + 0x84;
+    let mut exponent = 7;
+    let mut mask = 0x4000;
+    while exponent > 0 && s & mask == 0 {
+        exponent -= 1;
+        mask >>= 1;
+    }
+    let mantissa = (s >> (exponent + 3)) & 0x0F;
+    !(sign | (exponent << 4) | mantissa) as u8
+}
+
+pub fn unmulaw(byte: u8) -> i16 {
+    let u = !byte;
+    let magnitude = ((((u & 0x0F) as i32) << 3) + 0x84) << ((u >> 4) & 0x07);
+    let v = magnitude - 0x84;
+    (if u & 0x80 != 0 { -v } else { v }) as i16
+}

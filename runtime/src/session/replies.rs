@@ -122,24 +122,7 @@ fn spawn_speech(
                 let (mut text_in, mut audio_out) = stream::start(shared.voice.clone(), config)?;
                 text_in.push(&text)?;
                 text_in.finish()?;
-                while let Some(chunk) = audio_out.recv() {
-                    if cancel.is_cancelled() {
-                        break; // dropping audio_out stops synthesis
-                    }
-                    match chunk {
-                        Ok(chunk) => {
-                            let msg = ReplyMsg::Audio {
-                                reply,
-                                thread,
-                                chunk,
-                            };
-                            if tx.blocking_send(msg).is_err() {
-                                break;
-                            }
-                        }
-                        Err(e) => tracing::warn!("a chunk failed to synthesize: {e}"),
-                    }
-                }
+                forward_audio(&mut audio_out, reply, thread, &cancel, &tx);
                 Ok(())
             })();
             let msg = match result {
@@ -258,24 +241,7 @@ fn spawn_reply(
                     .name(format!("reply-{reply}-audio"))
                     .spawn(move || {
                         let _tts = tts_span.enter();
-                        while let Some(chunk) = audio_out.recv() {
-                            if audio_cancel.is_cancelled() {
-                                break; // dropping audio_out stops synthesis
-                            }
-                            match chunk {
-                                Ok(chunk) => {
-                                    let msg = ReplyMsg::Audio {
-                                        reply,
-                                        thread,
-                                        chunk,
-                                    };
-                                    if audio_tx.blocking_send(msg).is_err() {
-                                        break;
-                                    }
-                                }
-                                Err(e) => tracing::warn!("a chunk failed to synthesize: {e}"),
-                            }
-                        }
+                        forward_audio(&mut audio_out, reply, thread, &audio_cancel, &audio_tx);
                     })?;
                 let params = GenerateParams {
                     max_tokens: job.request.max_tokens.min(shared.max_tokens),
@@ -346,5 +312,34 @@ fn spawn_reply(
         });
     if let Err(e) = spawned {
         tracing::error!("cannot start a reply thread: {e}");
+    }
+}
+
+/// Hands each synthesized chunk to the control loop until the voice is done, the reply is
+/// cancelled (dropping `audio_out` then stops synthesis) or the session is gone.
+fn forward_audio(
+    audio_out: &mut stream::AudioOutput,
+    reply: ReplyId,
+    thread: u64,
+    cancel: &CancelToken,
+    tx: &mpsc::Sender<ReplyMsg>,
+) {
+    while let Some(chunk) = audio_out.recv() {
+        if cancel.is_cancelled() {
+            break;
+        }
+        match chunk {
+            Ok(chunk) => {
+                let msg = ReplyMsg::Audio {
+                    reply,
+                    thread,
+                    chunk,
+                };
+                if tx.blocking_send(msg).is_err() {
+                    break;
+                }
+            }
+            Err(e) => tracing::warn!("a chunk failed to synthesize: {e}"),
+        }
     }
 }
