@@ -63,7 +63,7 @@ fn sipp_call(
     port_file: &Path,
     extra: &[&str],
 ) -> (std::process::Child, u16) {
-    let sipp = Command::new("sipp")
+    let mut sipp = Command::new("sipp")
         .arg("-sf")
         .arg(scenario)
         .args(["-m", "1", "-i", "127.0.0.1", "-mi", "127.0.0.1", "-nostdin"])
@@ -85,7 +85,11 @@ fn sipp_call(
         {
             return (sipp, port);
         }
-        assert!(Instant::now() < deadline, "sipp never got the 200 OK");
+        if Instant::now() >= deadline {
+            let _ = sipp.kill();
+            let _ = sipp.wait();
+            panic!("sipp never got the 200 OK");
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
 }
