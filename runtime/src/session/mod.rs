@@ -314,8 +314,10 @@ async fn run_session(
             audio = input.recv() => {
                 let Some(audio) = audio else { break Ok(()) };
                 media_samples += audio.len() as u64;
-                // Transports send 20 ms frames; a longer silence means the stream itself paused.
-                let after_gap = last_audio.elapsed() > Duration::from_millis(100);
+                // Transports send 20 ms frames; half a second without any means the stream itself
+                // paused (a half-duplex client). Shorter stalls are network or load bursts: the
+                // canceller keeps its alignment through those, so they must not reset it.
+                let after_gap = last_audio.elapsed() > Duration::from_millis(500);
                 if let Some(audio) = echo.heard(audio, after_gap) {
                     asr.push(delivered as f64 / 16_000.0, &audio);
                     delivered += audio.len() as u64;
