@@ -1,15 +1,22 @@
-//! Live recognition: one dedicated thread per stream, a shared model, and a process-wide cap on
-//! concurrent decodes so that Whisper never oversubscribes the cores the LLM and TTS need.
+//! Live recognition: two threads per stream, a shared model, and a process-wide cap on concurrent
+//! decodes so that Whisper never oversubscribes the cores the LLM and TTS need.
+//!
+//! A stream's *listener* thread runs the VAD and the recognizer's policy on every frame; its
+//! *decoder* thread runs Whisper. They are split so that the VAD never waits for a decode: a
+//! pause is seen when it happens, not up to a decode later, and the decode it calls for starts at
+//! once (a decode of older audio still running is aborted). The turn manager's speculation and
+//! the end of turn hang on that moment.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
 use crate::error::{AsrError, Result};
-use crate::streaming::{AsrEvent, StreamingConfig, StreamingRecognizer};
+use crate::streaming::{AsrEvent, DecodeRequest, StreamingConfig, StreamingRecognizer};
 use crate::vad::SpeechProbability;
-use crate::whisper::{DecodeOptions, WhisperModel, SAMPLE_RATE};
+use crate::whisper::{DecodeOptions, Hypothesis, WhisperModel, WhisperSession, SAMPLE_RATE};
 
 /// Audio waiting for a stream's thread, in seconds. Policy when full: drop the oldest audio and
 /// count it; the transport is never blocked. It only fills if decoding falls this far behind.
@@ -79,17 +86,34 @@ impl AsrEngine {
             state: Mutex::new(InboxState::default()),
             wake: Condvar::new(),
         });
-        let worker = Worker {
+        let decoder = Arc::new(DecoderQueue {
+            state: Mutex::new(DecoderState::default()),
+            wake: Condvar::new(),
+        });
+        let decoder_thread = {
+            let decoder = Decoder {
+                session,
+                options: self.options.clone(),
+                slots: self.slots.clone(),
+                queue: decoder.clone(),
+                inbox: inbox.clone(),
+            };
+            std::thread::Builder::new()
+                .name(format!("asr-dec-{name}"))
+                .spawn(move || decoder.run())
+                .map_err(|e| AsrError::Inference(format!("cannot start the ASR thread: {e}")))?
+        };
+        let listener = Listener {
             recognizer: StreamingRecognizer::new(config, vad),
-            session,
-            options: self.options.clone(),
-            slots: self.slots.clone(),
             inbox: inbox.clone(),
+            decoder,
+            decoder_thread: Some(decoder_thread),
+            submitted: VecDeque::new(),
             on_event: Box::new(on_event),
         };
         let thread = std::thread::Builder::new()
             .name(format!("asr-{name}"))
-            .spawn(move || worker.run())
+            .spawn(move || listener.run())
             .map_err(|e| AsrError::Inference(format!("cannot start the ASR thread: {e}")))?;
         Ok(AsrStream {
             inbox,
@@ -107,7 +131,15 @@ struct InboxState {
     dropped_samples: u64,
     /// New VAD thresholds (threshold, release) to apply.
     thresholds: Option<(f32, f32)>,
+    /// Finished decodes from the decoder thread.
+    results: VecDeque<DecodeOutcome>,
     closed: bool,
+}
+
+struct DecodeOutcome {
+    id: u64,
+    result: Result<Hypothesis>,
+    decode_ms: f64,
 }
 
 struct Inbox {
@@ -188,21 +220,46 @@ impl Drop for AsrStream {
     }
 }
 
-struct Worker {
+/// What the listener handed the decoder. The recognizer keeps one decode in flight, but an
+/// abandoned one may still be finishing when its replacement arrives, so a few can be queued; every
+/// queued job but the newest is abandoned, and abandoned jobs are dropped unrun.
+#[derive(Default)]
+struct DecoderState {
+    jobs: VecDeque<Job>,
+    closed: bool,
+}
+
+struct Job {
+    request: DecodeRequest,
+    abort: Arc<AtomicBool>,
+}
+
+struct DecoderQueue {
+    state: Mutex<DecoderState>,
+    wake: Condvar,
+}
+
+/// Runs the VAD and the recognizer: never blocks on Whisper.
+struct Listener {
     recognizer: StreamingRecognizer,
-    session: crate::whisper::WhisperSession,
-    options: DecodeOptions,
-    slots: Arc<DecodeSlots>,
     inbox: Arc<Inbox>,
+    decoder: Arc<DecoderQueue>,
+    decoder_thread: Option<JoinHandle<()>>,
+    /// Decodes handed to the decoder and not yet answered, with their abort flags.
+    submitted: VecDeque<(u64, Arc<AtomicBool>)>,
     on_event: Box<dyn FnMut(AsrEvent) + Send>,
 }
 
-impl Worker {
+impl Listener {
     fn run(mut self) {
         loop {
-            let (chunks, clock, closed, thresholds) = {
+            let (chunks, clock, closed, thresholds, results) = {
                 let mut state = self.inbox.state.lock().unwrap_or_else(|p| p.into_inner());
-                while state.chunks.is_empty() && state.clock.is_none() && !state.closed {
+                while state.chunks.is_empty()
+                    && state.clock.is_none()
+                    && state.results.is_empty()
+                    && !state.closed
+                {
                     state = self
                         .inbox
                         .wake
@@ -215,15 +272,24 @@ impl Worker {
                     state.clock.take(),
                     state.closed,
                     state.thresholds.take(),
+                    std::mem::take(&mut state.results),
                 )
             };
             if closed {
-                return;
+                break;
             }
             if let Some((threshold, release)) = thresholds {
                 self.recognizer
                     .endpointer_mut()
                     .set_thresholds(threshold, release);
+            }
+            for outcome in results {
+                self.submitted.retain(|(id, _)| *id != outcome.id);
+                if matches!(outcome.result, Err(AsrError::Aborted)) {
+                    continue; // abandoned: the recognizer has already moved on
+                }
+                self.recognizer
+                    .on_decode_result(outcome.id, outcome.result, outcome.decode_ms);
             }
             for (timestamp, mut samples) in chunks {
                 crate::audio::sanitize(&mut samples);
@@ -236,24 +302,108 @@ impl Worker {
                     self.recognizer.handle_timeout(now);
                 }
             }
-            self.decode_due();
+            self.abort_abandoned();
+            self.submit_due();
             while let Some(event) = self.recognizer.poll_event() {
                 (self.on_event)(event);
             }
         }
+        self.stop_decoder();
     }
 
-    fn decode_due(&mut self) {
+    fn abort_abandoned(&mut self) {
+        while let Some(id) = self.recognizer.poll_abandoned_decode() {
+            if let Some((_, abort)) = self.submitted.iter().find(|(s, _)| *s == id) {
+                abort.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn submit_due(&mut self) {
         while let Some(request) = self.recognizer.poll_decode() {
+            let abort = Arc::new(AtomicBool::new(false));
+            self.submitted.push_back((request.id, abort.clone()));
+            let mut state = self.decoder.state.lock().unwrap_or_else(|p| p.into_inner());
+            let submitted = &mut self.submitted;
+            state.jobs.retain(|j| {
+                let unwanted = j.abort.load(Ordering::Relaxed);
+                if unwanted {
+                    submitted.retain(|(id, _)| *id != j.request.id);
+                }
+                !unwanted
+            });
+            state.jobs.push_back(Job { request, abort });
+            drop(state);
+            self.decoder.wake.notify_one();
+        }
+    }
+
+    fn stop_decoder(&mut self) {
+        if let Ok(mut state) = self.decoder.state.lock() {
+            state.closed = true;
+            for job in &state.jobs {
+                job.abort.store(true, Ordering::Relaxed);
+            }
+        }
+        for (_, abort) in &self.submitted {
+            abort.store(true, Ordering::Relaxed);
+        }
+        self.decoder.wake.notify_one();
+        if let Some(thread) = self.decoder_thread.take() {
+            if thread.join().is_err() {
+                tracing::error!("the ASR decoder thread panicked");
+            }
+        }
+    }
+}
+
+/// Runs Whisper for one stream, one decode at a time, within the process-wide decode slots.
+struct Decoder {
+    session: WhisperSession,
+    options: DecodeOptions,
+    slots: Arc<DecodeSlots>,
+    queue: Arc<DecoderQueue>,
+    inbox: Arc<Inbox>,
+}
+
+impl Decoder {
+    fn run(mut self) {
+        loop {
+            let job = {
+                let mut state = self.queue.state.lock().unwrap_or_else(|p| p.into_inner());
+                loop {
+                    if state.closed {
+                        return;
+                    }
+                    if let Some(job) = state.jobs.pop_front() {
+                        break job;
+                    }
+                    state = self
+                        .queue
+                        .wake
+                        .wait(state)
+                        .unwrap_or_else(|p| p.into_inner());
+                }
+            };
             let options = DecodeOptions {
-                prompt: Some(request.prompt.clone()),
+                prompt: Some(job.request.prompt.clone()),
+                abort: Some(job.abort.clone()),
                 ..self.options.clone()
             };
-            let _slot = self.slots.acquire();
-            let started = Instant::now();
-            let result = self.session.decode(&request.audio, &options);
-            let ms = started.elapsed().as_secs_f64() * 1000.0;
-            self.recognizer.on_decode_result(request.id, result, ms);
+            let (result, decode_ms) = {
+                let _slot = self.slots.acquire();
+                let started = Instant::now();
+                let result = self.session.decode(&job.request.audio, &options);
+                (result, started.elapsed().as_secs_f64() * 1000.0)
+            };
+            let mut state = self.inbox.state.lock().unwrap_or_else(|p| p.into_inner());
+            state.results.push_back(DecodeOutcome {
+                id: job.request.id,
+                result,
+                decode_ms,
+            });
+            drop(state);
+            self.inbox.wake.notify_one();
         }
     }
 }

@@ -16,6 +16,9 @@ pub enum AsrError {
     UnsupportedModel { reason: String },
     #[error("Whisper model {path} could not be loaded: {reason}")]
     ModelLoad { path: PathBuf, reason: String },
+    /// The driver aborted the decode (its result was no longer wanted).
+    #[error("the decode was aborted")]
+    Aborted,
     #[error("Whisper inference failed: {0}")]
     Inference(String),
     #[error("{path} is not usable audio: {reason} (expected a WAV file)")]

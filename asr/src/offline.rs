@@ -102,6 +102,10 @@ impl Run<'_> {
     }
 
     fn start_decode(&mut self) {
+        // An abandoned decode stops at once, as the live engine aborts it.
+        while let Some(id) = self.recognizer.poll_abandoned_decode() {
+            self.pending.take_if(|p| p.id == id);
+        }
         if self.pending.is_some() {
             return;
         }

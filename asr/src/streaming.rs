@@ -198,6 +198,9 @@ pub struct StreamingRecognizer {
     next_utterance: u64,
     next_decode: u64,
     in_flight: Option<InFlight>,
+    /// Decodes given up on while they ran (their result would come too late to matter): the
+    /// driver should abort them so the decode that replaced them starts at once.
+    abandoned: VecDeque<u64>,
     /// Ended utterances, oldest first, whose Finals are not out yet: a Final waits for its decode,
     /// and Finals leave in utterance order.
     finishing: VecDeque<Utterance>,
@@ -219,6 +222,7 @@ impl StreamingRecognizer {
             next_utterance: 0,
             next_decode: 0,
             in_flight: None,
+            abandoned: VecDeque::new(),
             finishing: VecDeque::new(),
             events: VecDeque::new(),
             dropped_partials: 0,
@@ -322,6 +326,23 @@ impl StreamingRecognizer {
         })
     }
 
+    /// A decode this recognizer no longer waits for: the driver may abort it (its result, if it
+    /// still comes, is ignored) and should then ask [`StreamingRecognizer::poll_decode`] again.
+    pub fn poll_abandoned_decode(&mut self) -> Option<u64> {
+        self.abandoned.pop_front()
+    }
+
+    fn abandon_in_flight(&mut self) {
+        if let Some(f) = self.in_flight.take() {
+            // At most one decode is in flight, and the driver drains this after every push: the
+            // bound only matters for a driver that never looks.
+            if self.abandoned.len() >= 8 {
+                self.abandoned.pop_front();
+            }
+            self.abandoned.push_back(f.id);
+        }
+    }
+
     /// Hands back the result of the decode `id`; `decode_ms` is its wall time.
     pub fn on_decode_result(&mut self, id: u64, result: Result<Hypothesis>, decode_ms: f64) {
         let Some(flight) = self.in_flight.take_if(|f| f.id == id) else {
@@ -422,6 +443,16 @@ impl StreamingRecognizer {
                 if let Some(u) = &mut self.utterance {
                     u.last_decode_requested = f64::NAN;
                     u.due_at_pause = true;
+                    // A decode of audio from before the pause is superseded by the pause decode,
+                    // and waiting for it would delay the speculation and the Final by up to a
+                    // whole decode.
+                    let stale = self
+                        .in_flight
+                        .as_ref()
+                        .is_some_and(|f| f.utterance == u.id && !f.at_pause);
+                    if stale {
+                        self.abandon_in_flight();
+                    }
                 }
                 self.push_event(AsrEvent::Paused { at });
             }
@@ -448,7 +479,7 @@ impl StreamingRecognizer {
                     u.latest = None;
                 } else if self.in_flight.as_ref().is_some_and(|f| f.utterance == u.id) {
                     // A stale partial is running; its result is ignored.
-                    self.in_flight = None;
+                    self.abandon_in_flight();
                 }
                 self.finishing.push_back(u);
                 self.flush_finals();
@@ -787,6 +818,47 @@ mod tests {
         }
         // Before the fix the second ended utterance replaced the first one still decoding.
         assert_eq!(finals, vec!["hello", "hello"]);
+    }
+
+    #[test]
+    fn a_pause_abandons_the_decode_of_older_audio_and_its_own_decode_becomes_the_final() {
+        let mut r = StreamingRecognizer::new(StreamingConfig::default(), Box::new(LoudnessVad));
+        let mut t = 0.0;
+        let mut push = |r: &mut StreamingRecognizer, loud: bool, seconds: f64| {
+            let frame = [if loud { 1.0 } else { 0.0 }; 320];
+            for _ in 0..(seconds / 0.02).round() as usize {
+                r.push_audio(t, &frame).unwrap();
+                t += 0.02;
+            }
+        };
+        push(&mut r, true, 1.0);
+        let mid_speech = r.poll_decode().expect("a partial decode is due in speech");
+        push(&mut r, true, 0.1);
+        push(&mut r, false, 0.06);
+        assert_eq!(r.poll_abandoned_decode(), Some(mid_speech.id));
+        let at_pause = r
+            .poll_decode()
+            .expect("the pause decode starts without waiting for the abandoned one");
+        let hello = Hypothesis {
+            words: vec![Word {
+                text: "hello".into(),
+                start: 0.0,
+                end: 0.5,
+            }],
+            no_speech_probability: 0.0,
+        };
+        // The abandoned decode's result, should it still come, changes nothing.
+        r.on_decode_result(mid_speech.id, Ok(Hypothesis::default()), 100.0);
+        r.on_decode_result(at_pause.id, Ok(hello), 100.0);
+        push(&mut r, false, 0.3);
+        let events: Vec<AsrEvent> = std::iter::from_fn(|| r.poll_event()).collect();
+        assert!(
+            events
+                .iter()
+                .any(|e| matches!(e, AsrEvent::Final { text, from_pause_decode: true, .. } if text == "hello")),
+            "{events:?}"
+        );
+        assert!(r.poll_decode().is_none(), "no decode after the endpoint");
     }
 
     #[test]

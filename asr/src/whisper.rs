@@ -1,6 +1,8 @@
 //! A Whisper model loaded once per process and shared; each user gets a [`WhisperSession`].
 
+use std::ffi::c_void;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Once};
 
 use whisper_rs::{
@@ -40,6 +42,8 @@ pub struct DecodeOptions {
     pub fit_audio_ctx: bool,
     /// Text the decoder is conditioned on (e.g. the committed part of an utterance).
     pub prompt: Option<String>,
+    /// Set by another thread to stop the decode early; it then fails with [`AsrError::Aborted`].
+    pub abort: Option<Arc<AtomicBool>>,
 }
 
 impl Default for DecodeOptions {
@@ -49,6 +53,7 @@ impl Default for DecodeOptions {
             language: "en".into(),
             fit_audio_ctx: true,
             prompt: None,
+            abort: None,
         }
     }
 }
@@ -132,6 +137,13 @@ pub fn join_words(words: &[Word]) -> String {
     text
 }
 
+/// whisper.cpp's abort callback: `user_data` is the decode's `AtomicBool` abort flag.
+unsafe extern "C" fn abort_requested(user_data: *mut c_void) -> bool {
+    // SAFETY: set up in `WhisperSession::decode`, which keeps the flag alive while whisper.cpp
+    // may call this.
+    unsafe { (*(user_data as *const AtomicBool)).load(Ordering::Relaxed) }
+}
+
 impl WhisperSession {
     /// Transcribes 16 kHz mono audio in one go and returns the text, trimmed.
     pub fn transcribe(&mut self, pcm: &[f32], options: &DecodeOptions) -> Result<String> {
@@ -174,9 +186,35 @@ impl WhisperSession {
         } else {
             pcm
         };
-        self.state
-            .full(params, pcm)
-            .map_err(|e| AsrError::Inference(e.to_string()))?;
+        let aborted = || {
+            options
+                .abort
+                .as_ref()
+                .is_some_and(|a| a.load(Ordering::Relaxed))
+        };
+        if let Some(abort) = &options.abort {
+            // Not whisper-rs's `set_abort_callback_safe`: in 0.16 its trampoline reads the boxed
+            // closure as the wrong type, so decodes abort at random.
+            // SAFETY: the callback only reads the flag, which `options` keeps alive until `full`
+            // below has returned; whisper.cpp calls it on this decode's threads only.
+            unsafe {
+                params.set_abort_callback(Some(abort_requested));
+                params.set_abort_callback_user_data(Arc::as_ptr(abort) as *mut c_void);
+            }
+        }
+        if aborted() {
+            return Err(AsrError::Aborted);
+        }
+        self.state.full(params, pcm).map_err(|e| {
+            if aborted() {
+                AsrError::Aborted
+            } else {
+                AsrError::Inference(e.to_string())
+            }
+        })?;
+        if aborted() {
+            return Err(AsrError::Aborted);
+        }
         let eot = self.model.context.token_eot();
         let mut hypothesis = Hypothesis::default();
         for segment in self.state.as_iter() {

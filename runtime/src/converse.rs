@@ -180,6 +180,10 @@ pub fn run(args: ConverseArgs, config_path: Option<&Path>) -> anyhow::Result<()>
         } else {
             recognizer.handle_timeout(now);
         }
+        // An abandoned decode stops at once, as the live engine aborts it.
+        while let Some(id) = recognizer.poll_abandoned_decode() {
+            pending_decode.take_if(|p| p.0 == id);
+        }
         if pending_decode.is_none() {
             if let Some(request) = recognizer.poll_decode() {
                 let options = DecodeOptions {

@@ -26,8 +26,8 @@ use talkline_asr::streaming::AsrEvent;
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TurnConfig {
-    /// Silence after which the LLM starts on a stable partial transcript, before the turn ends
-    /// (its audio is held until the turn is confirmed).
+    /// Silence after which the LLM starts on the transcript of the audio up to the pause, before
+    /// the turn ends (its audio is held until the turn is confirmed).
     pub speculate_after_pause_s: f64,
     /// Silence after a turn that sounds finished (final punctuation) before the agent answers.
     pub min_end_delay_s: f64,
@@ -269,13 +269,13 @@ impl TurnManager {
                 tentative,
                 audio_end,
             } => {
-                // Only a stable transcript is worth speculating on: one the recognizer has fully
-                // committed. A tentative tail means it is still unsure, and a miss costs CPU the
-                // recognizer needs.
-                self.latest_partial = tentative
-                    .trim()
-                    .is_empty()
-                    .then(|| (committed.trim().to_string(), *audio_end));
+                // The whole hypothesis, tentative tail included: only a partial whose audio
+                // reaches the pause is speculated on (see `try_speculate`), and that is the pause
+                // decode, the very decode the recognizer turns into the Final if the pause becomes
+                // the endpoint. Its last word is whole (the window ends in silence), so waiting for
+                // LocalAgreement to commit it would only miss turns that end as the user stops.
+                let text = format!("{} {}", committed.trim(), tentative.trim());
+                self.latest_partial = Some((text.trim().to_string(), *audio_end));
                 self.try_speculate();
             }
             AsrEvent::Paused { at } => {
@@ -585,20 +585,53 @@ mod tests {
     }
 
     #[test]
-    fn an_unstable_partial_is_not_speculated_on() {
+    fn a_partial_from_before_the_pause_is_not_speculated_on() {
+        let mut t = TurnManager::new(TurnConfig::default());
+        t.on_asr(0.5, &AsrEvent::SpeechStarted { at: 0.4 });
+        t.on_asr(
+            0.95,
+            &AsrEvent::Partial {
+                committed: "Is my".into(),
+                tentative: "hemo".into(),
+                audio_end: 0.95,
+            },
+        );
+        t.on_asr(1.03, &AsrEvent::Paused { at: 1.0 });
+        tick(&mut t, 1.3);
+        assert!(
+            drain(&mut t).is_empty(),
+            "its last word may be cut: wait for the pause decode"
+        );
+    }
+
+    #[test]
+    fn the_pause_decode_is_speculated_on_whole_and_hits_when_it_becomes_the_final() {
         let mut t = TurnManager::new(TurnConfig::default());
         t.on_asr(0.5, &AsrEvent::SpeechStarted { at: 0.4 });
         t.on_asr(1.03, &AsrEvent::Paused { at: 1.0 });
         t.on_asr(
-            1.1,
+            1.15,
             &AsrEvent::Partial {
                 committed: "Is my".into(),
-                tentative: "hemo".into(),
+                tentative: "blood pressure normal?".into(),
                 audio_end: 1.03,
             },
         );
-        tick(&mut t, 1.3);
-        assert!(drain(&mut t).is_empty());
+        tick(&mut t, 1.15);
+        assert_eq!(
+            drain(&mut t),
+            vec![TurnAction::StartReply {
+                reply: 1,
+                user_text: "Is my blood pressure normal?".into(),
+                speculative: true
+            }]
+        );
+        t.on_asr(1.25, &AsrEvent::SpeechEnded { at: 1.0 });
+        t.on_asr(1.25, &final_("Is my blood pressure normal?", 1.0));
+        tick(&mut t, 1.25);
+        let actions = drain(&mut t);
+        assert!(actions.contains(&TurnAction::CommitReply { reply: 1 }));
+        assert_eq!(t.stats().speculative_hits, 1);
     }
 
     #[test]
