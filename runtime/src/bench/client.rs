@@ -1,7 +1,8 @@
-//! One scripted caller over a real transport (WebSocket or WebRTC, see [`super::link`]): streams the scenario's turns in real
-//! time, 20 ms a frame, reacts to the agent (waits for its reply to play out, or barges in on it),
-//! and logs the arrival time of every agent frame and event. It measures nothing itself: the
-//! analysis in [`super::analyze`] turns the log into latencies.
+//! One scripted caller over a real transport (WebSocket, WebRTC or SIP, see [`super::link`]):
+//! streams the scenario's turns in real time, 20 ms a frame, reacts to the agent (waits for its
+//! reply to play out, or barges in on it), and logs the arrival time of every agent frame and
+//! event. It measures nothing itself: the analysis in [`super::analyze`] turns the log into
+//! latencies.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,6 +17,16 @@ const FRAME: usize = RATE as usize / 50;
 const FRAME_S: f64 = 0.02;
 /// For the first turn: how long to listen for a greeting before speaking.
 const GREETING_WAIT_S: f64 = 1.5;
+/// Over a transport without events (SIP), the agent's reply has played out once it has been
+/// silent this long. The server sends no RTP at all between replies (the session emits frames
+/// only while it has audio), and inside a reply the silences are Piper's pauses between clauses
+/// and sentences or the queue running dry while the next clause is synthesised: at most 0.48 s
+/// in `--quick` runs over WebSocket and SIP on a loaded 2-core machine. Too short, and the
+/// caller speaks into a reply still under way, turning a planned turn into an unplanned
+/// barge-in; too long costs only idle time before the next turn, which no figure includes
+/// (every latency is measured from the true end of speech). Hence a full second, twice the
+/// longest pause seen and well above the 0.4 s the analysis takes as a barge-in stop.
+const REPLY_END_SILENCE_S: f64 = 1.0;
 
 #[derive(Debug, Clone)]
 pub struct DriveOptions {
@@ -83,7 +94,20 @@ async fn drive_inner(
     log: &mut SessionLog,
 ) -> anyhow::Result<()> {
     let mut link = Link::connect(opts.transport, addr).await?;
+    // Hang up however the conversation ended: a SIP call left up holds a server slot until its
+    // media timeout.
+    let result = converse(&mut link, turns, opts, log).await;
+    link.hang_up().await;
+    result
+}
 
+async fn converse(
+    link: &mut Link,
+    turns: &[TurnAudio],
+    opts: &DriveOptions,
+    log: &mut SessionLog,
+) -> anyhow::Result<()> {
+    let events = opts.transport.has_events();
     let start = Instant::now();
     let mut ticks = tokio::time::interval_at(
         (start + Duration::from_millis(20)).into(),
@@ -97,6 +121,8 @@ async fn drive_inner(
     // after that audio (the server sends it once the reply has played out).
     let mut reference_s = 0.0;
     let mut agent_began: Option<f64> = None;
+    // The last audible agent frame of the reply being waited on (transports without events).
+    let mut agent_last: Option<f64> = None;
     let mut agent_done = false;
     let silence = vec![0i16; FRAME];
 
@@ -106,6 +132,9 @@ async fn drive_inner(
                 let now = frames_sent as f64 * FRAME_S;
                 let lag = start.elapsed().as_secs_f64() - (now + FRAME_S);
                 log.max_send_lag_ms = log.max_send_lag_ms.max(lag * 1000.0);
+                if !events && agent_last.is_some_and(|last| now - last > REPLY_END_SILENCE_S) {
+                    agent_done = true;
+                }
                 // Advance through phases that need no audio of their own first.
                 loop {
                     match phase {
@@ -178,6 +207,7 @@ async fn drive_inner(
                         // From here the caller waits on the reply to this turn.
                         reference_s = log.turns.last().map_or(now, |t| t.speech_end_s);
                         agent_began = None;
+                        agent_last = None;
                         agent_done = false;
                         phase = Phase::Wait { turn: turn + 1 };
                     }
@@ -192,6 +222,9 @@ async fn drive_inner(
                     Some(Incoming::Audio { audible }) => {
                         if audible && at > reference_s && agent_began.is_none() {
                             agent_began = Some(at);
+                        }
+                        if audible && agent_began.is_some() {
+                            agent_last = Some(at);
                         }
                         log.audio.push((at, audible));
                     }
@@ -210,7 +243,7 @@ async fn drive_inner(
         }
     }
     // Late events (the last turn's) may still be on their way.
-    let drain_until = Instant::now() + Duration::from_secs(2);
+    let drain_until = Instant::now() + Duration::from_secs(if events { 2 } else { 0 });
     while let Ok(Ok(Some(incoming))) =
         tokio::time::timeout_at(drain_until.into(), link.recv()).await
     {
@@ -218,6 +251,5 @@ async fn drive_inner(
             log.events.push((start.elapsed().as_secs_f64(), v));
         }
     }
-    link.hang_up().await;
     Ok(())
 }

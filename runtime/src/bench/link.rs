@@ -1,7 +1,8 @@
-//! The scripted caller's connection to the server, over either real transport: WebSocket (PCM16
-//! frames and JSON events) or WebRTC (a webrtc-rs peer: Opus over DTLS-SRTP, events on the data
-//! channel, WHIP-style signaling). The caller sees 16 kHz frames out and, coming back, whether
-//! each agent frame was audible and every event.
+//! The scripted caller's connection to the server, over a real transport: WebSocket (PCM16
+//! frames and JSON events), WebRTC (a webrtc-rs peer: Opus over DTLS-SRTP, events on the data
+//! channel, WHIP-style signaling) or SIP (a phone call: G.711 RTP, no events; see
+//! [`super::sip_link`]). The caller sees 16 kHz frames out and, coming back, whether each agent
+//! frame was audible and every event the transport carries.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,6 +27,7 @@ use webrtc::rtp_transceiver::rtp_codec::RTCRtpCodecCapability;
 use webrtc::track::track_local::track_local_static_sample::TrackLocalStaticSample;
 
 use super::scenario::RATE;
+use super::sip_link::SipLink;
 
 /// An agent frame with any sample above 1% of full scale is audible (the Pipecat anchor's rule).
 pub const AUDIBLE: f32 = 0.01;
@@ -39,6 +41,24 @@ const OPUS_FRAME: usize = 960;
 pub enum Transport {
     Websocket,
     Webrtc,
+    /// A SIP call over UDP to the server's SIP listener, PCMU RTP at 8 kHz.
+    Sip,
+}
+
+impl Transport {
+    /// Whether the server's events (turn metrics, `clear`) reach the caller. SIP has no channel
+    /// for them: the caller knows only the audio.
+    pub fn has_events(self) -> bool {
+        !matches!(self, Transport::Sip)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Websocket => "websocket",
+            Transport::Webrtc => "webrtc",
+            Transport::Sip => "sip",
+        }
+    }
 }
 
 pub enum Incoming {
@@ -57,6 +77,7 @@ pub enum Link {
         rx: SplitStream<WsStream>,
     },
     WebRtc(Box<RtcLink>),
+    Sip(Box<SipLink>),
 }
 
 pub struct RtcLink {
@@ -74,6 +95,7 @@ impl Link {
         match transport {
             Transport::Websocket => connect_websocket(addr).await,
             Transport::Webrtc => Ok(Link::WebRtc(Box::new(connect_webrtc(addr).await?))),
+            Transport::Sip => Ok(Link::Sip(Box::new(SipLink::connect(addr).await?))),
         }
     }
 
@@ -87,6 +109,7 @@ impl Link {
                     .context("sending audio")
             }
             Link::WebRtc(link) => link.send(frame).await,
+            Link::Sip(link) => link.send(frame).await,
         }
     }
 
@@ -113,6 +136,7 @@ impl Link {
                 }
             },
             Link::WebRtc(link) => Ok(link.incoming.recv().await),
+            Link::Sip(link) => Ok(link.recv().await.map(|audible| Incoming::Audio { audible })),
         }
     }
 
@@ -124,6 +148,7 @@ impl Link {
             Link::WebRtc(link) => {
                 let _ = link.peer.close().await;
             }
+            Link::Sip(link) => link.hang_up().await,
         }
     }
 }

@@ -1,10 +1,11 @@
-//! `talkline bench`: the latency benchmark. Starts the real `talkline serve`, drives it over the
-//! WebSocket transport with scripted callers speaking a scenario in real time (1..N at once),
-//! measures every turn from the true end of speech, compares with baselines measured in the same
-//! run, and writes a report folder (JSON, Markdown, SVG plots).
+//! `talkline bench`: the latency benchmark. Starts the real `talkline serve`, drives it over a
+//! real transport (WebSocket, WebRTC or SIP) with scripted callers speaking a scenario in real
+//! time (1..N at once), measures every turn from the true end of speech, compares with baselines
+//! measured in the same run, and writes a report folder (JSON, Markdown, SVG plots).
 //!
 //! - `scenario.rs`: the TOML scenario and its audio (espeak-ng + sox, trimmed to the speech);
 //! - `client.rs`: one caller, paced by the clock, reacting to the agent (waits, barges in);
+//! - `link.rs`, `sip_link.rs`: the caller's connection, per transport;
 //! - `analyze.rs`: a caller's log -> per-turn latencies;
 //! - `baselines.rs`: faster-whisper, llama-cpp-python and piper-tts (and the Pipecat anchor);
 //! - `report.rs`, `svg.rs`: the report and its plots.
@@ -15,6 +16,7 @@ mod client;
 mod link;
 mod report;
 mod scenario;
+mod sip_link;
 mod svg;
 
 use std::io::BufRead;
@@ -85,11 +87,13 @@ pub struct BenchArgs {
     #[arg(long, value_name = "DIR", default_value = "/tmp/pipecat-anchor/run")]
     pub pipecat_work: PathBuf,
     /// Measure a server already running at HOST:PORT instead of starting `talkline serve`
-    /// (its configuration is then yours to match with --config).
+    /// (its configuration is then yours to match with --config). With `--transport sip` this
+    /// is its SIP address (UDP, `serve --sip-listen`).
     #[arg(long, value_name = "HOST:PORT")]
     pub server: Option<String>,
-    /// How the callers reach the server: `websocket` (PCM16) or `webrtc` (Opus over DTLS-SRTP,
-    /// a webrtc-rs peer per caller).
+    /// How the callers reach the server: `websocket` (PCM16), `webrtc` (Opus over DTLS-SRTP,
+    /// a webrtc-rs peer per caller) or `sip` (a SIP call over UDP per caller, PCMU RTP at
+    /// 8 kHz; per-stage server times are not observable over SIP and are reported as n/a).
     #[arg(long, value_enum, default_value = "websocket")]
     pub transport: link::Transport,
 }
@@ -98,6 +102,8 @@ pub struct BenchArgs {
 struct ServerProcess {
     child: Child,
     addr: String,
+    /// Its SIP listener (UDP), when started for SIP callers.
+    sip: Option<String>,
 }
 
 impl Drop for ServerProcess {
@@ -110,6 +116,7 @@ impl Drop for ServerProcess {
 fn start_server(
     config: Option<&Path>,
     max_sessions: usize,
+    sip: bool,
     log: &Path,
 ) -> anyhow::Result<ServerProcess> {
     let exe = std::env::current_exe().context("finding the talkline binary")?;
@@ -117,9 +124,22 @@ fn start_server(
     if let Some(c) = config {
         cmd.arg("--config").arg(c);
     }
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--max-sessions"])
+        .arg(max_sessions.to_string());
+    let sip = if sip {
+        // The server does not print its SIP port: take one that was free a moment ago. The SIP
+        // socket is bound before the HTTP line below is printed, so a lost race fails the start.
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")
+            .and_then(|s| s.local_addr())
+            .context("finding a free UDP port for SIP")?
+            .port();
+        let listen = format!("127.0.0.1:{port}");
+        cmd.args(["--sip-listen", &listen]);
+        Some(listen)
+    } else {
+        None
+    };
     let mut child = cmd
-        .args(["serve", "--listen", "127.0.0.1:0", "--max-sessions"])
-        .arg(max_sessions.to_string())
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(log)?)
         .spawn()
@@ -139,6 +159,7 @@ fn start_server(
     let mut server = ServerProcess {
         child,
         addr: String::new(),
+        sip,
     };
     match addr {
         Some(a) => server.addr = a,
@@ -213,9 +234,10 @@ pub fn run(args: BenchArgs, config_path: Option<&Path>) -> anyhow::Result<()> {
     };
     let turns = Arc::new(scenario.render(&base, &out.join("audio"))?);
     eprintln!(
-        "bench: scenario {:?}, {} turns; report in {}",
+        "bench: scenario {:?}, {} turns, over {}; report in {}",
         scenario.name,
         turns.len(),
+        args.transport.name(),
         out.display()
     );
     let levels: Vec<usize> = if args.quick {
@@ -234,10 +256,16 @@ pub fn run(args: BenchArgs, config_path: Option<&Path>) -> anyhow::Result<()> {
     let load_before = loadavg();
     let server = match &args.server {
         Some(_) => None,
-        None => Some(start_server(config_path, top + 1, &out.join("server.log"))?),
+        None => Some(start_server(
+            config_path,
+            top + 1,
+            args.transport == link::Transport::Sip,
+            &out.join("server.log"),
+        )?),
     };
     let addr = match (&args.server, &server) {
         (Some(a), _) => a.clone(),
+        (None, Some(ServerProcess { sip: Some(sip), .. })) => sip.clone(),
         (None, Some(s)) => s.addr.clone(),
         (None, None) => bail!("no server to measure"),
     };
@@ -341,10 +369,12 @@ pub fn run(args: BenchArgs, config_path: Option<&Path>) -> anyhow::Result<()> {
     );
     let ctx = report::Context {
         title: format!(
-            "talkline bench: scenario \"{}\", {}",
+            "talkline bench: scenario \"{}\" over {}, {}",
             scenario.name,
+            args.transport.name(),
             utc_stamp()
         ),
+        events: args.transport.has_events(),
         command: command.join(" "),
         machine: machine.clone(),
         budget_ms: args.budget_ms,
@@ -372,6 +402,7 @@ pub fn run(args: BenchArgs, config_path: Option<&Path>) -> anyhow::Result<()> {
                 "barge_in_after_ms": t.barge_in_after_ms,
             })).collect::<Vec<_>>(),
         },
+        "transport": args.transport.name(),
         "command": command,
         "machine": machine,
         "budget_ms": args.budget_ms,

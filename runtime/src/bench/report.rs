@@ -131,6 +131,8 @@ fn ratio(a: Option<f64>, b: Option<f64>) -> String {
 
 pub struct Context<'a> {
     pub title: String,
+    /// Whether the transport carried the server's events; over SIP only audio arrives.
+    pub events: bool,
     pub command: String,
     pub machine: String,
     pub budget_ms: f64,
@@ -161,6 +163,15 @@ pub fn markdown(c: &Context) -> String {
          onto the true end of speech; voice-to-voice is measured at the client: the arrival of the \
          first agent frame with a sample above 1% of full scale.\n"
     );
+    if !c.events {
+        let _ = writeln!(
+            s,
+            "This transport carries audio only (SIP: G.711 RTP at 8 kHz, no event channel): the \
+             per-stage server times, speculative hits, the server's own voice-to-voice and the \
+             `clear` time are not observable per turn and are n/a, not estimated. Voice-to-voice \
+             and barge-in stop come from the agent's RTP alone.\n"
+        );
+    }
     let Some(first) = c.levels.first() else {
         s.push_str("No measurement.\n");
         return s;

@@ -125,12 +125,16 @@ impl Scenario {
         };
         Scenario {
             name: "quick".into(),
-            description: "two short questions, no barge-in (the CI harness check)".into(),
+            description: "a question and a thank-you, no barge-in (the CI harness check)".into(),
             voice: default_voice(),
             words_per_minute: default_wpm(),
+            // Both survive the telephone band: over SIP (8 kHz, G.711) tiny.en hears "Is my
+            // hemoglobin normal?" as "It's my ego in normal" and "Thank you, goodbye." at
+            // times as nothing, which leaves a turn unanswered and the harness check failing
+            // for a reason that is not the harness's.
             turns: vec![
-                turn("Is my hemoglobin normal?"),
-                turn("Thank you, goodbye."),
+                turn("When should I repeat the blood test?"),
+                turn("Okay, thank you very much."),
             ],
         }
     }
