@@ -62,7 +62,13 @@ impl WhisperModel {
     /// Loads a whisper.cpp ggml model (e.g. one made by `talkline models fetch`).
     pub fn load(path: &Path) -> Result<Self> {
         // whisper.cpp prints to stderr by default; route it through `tracing` instead.
-        LOG_HOOKS.call_once(whisper_rs::install_logging_hooks);
+        LOG_HOOKS.call_once(|| {
+            whisper_rs::install_logging_hooks();
+            // SAFETY: replaces whisper.cpp's log callback with one that only reads its arguments.
+            unsafe {
+                whisper_rs::whisper_rs_sys::whisper_log_set(Some(whisper_log), std::ptr::null_mut())
+            };
+        });
         if !path.is_file() {
             return Err(AsrError::ModelLoad {
                 path: path.to_path_buf(),
@@ -137,6 +143,44 @@ pub fn join_words(words: &[Word]) -> String {
     text
 }
 
+thread_local! {
+    /// The abort flag of the decode running on this thread, so that the errors whisper.cpp logs
+    /// when it is aborted ("failed to encode") are not reported as errors.
+    static DECODE_ABORT: std::cell::RefCell<Option<Arc<AtomicBool>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// whisper.cpp's log callback: its messages into `tracing`, as whisper-rs's hook does, except that
+/// an aborted decode's complaints are expected and go to debug.
+unsafe extern "C" fn whisper_log(
+    level: whisper_rs::whisper_rs_sys::ggml_log_level,
+    text: *const std::ffi::c_char,
+    _user_data: *mut c_void,
+) {
+    if text.is_null() {
+        return;
+    }
+    // SAFETY: whisper.cpp passes a NUL-terminated string valid for the call.
+    let text = unsafe { std::ffi::CStr::from_ptr(text) }.to_string_lossy();
+    let text = text.trim();
+    let aborted = DECODE_ABORT.with(|a| {
+        a.borrow()
+            .as_ref()
+            .is_some_and(|a| a.load(Ordering::Relaxed))
+    });
+    match whisper_rs::GGMLLogLevel::from(level) {
+        whisper_rs::GGMLLogLevel::Error if !aborted => {
+            tracing::error!(target: "whisper_rs", "{text}")
+        }
+        whisper_rs::GGMLLogLevel::Warn if !aborted => {
+            tracing::warn!(target: "whisper_rs", "{text}")
+        }
+        whisper_rs::GGMLLogLevel::Info => tracing::info!(target: "whisper_rs", "{text}"),
+        _ if !text.is_empty() => tracing::debug!(target: "whisper_rs", "{text}"),
+        _ => {}
+    }
+}
+
 /// whisper.cpp's abort callback: `user_data` is the decode's `AtomicBool` abort flag.
 unsafe extern "C" fn abort_requested(user_data: *mut c_void) -> bool {
     // SAFETY: set up in `WhisperSession::decode`, which keeps the flag alive while whisper.cpp
@@ -205,7 +249,10 @@ impl WhisperSession {
         if aborted() {
             return Err(AsrError::Aborted);
         }
-        self.state.full(params, pcm).map_err(|e| {
+        DECODE_ABORT.with(|a| a.replace(options.abort.clone()));
+        let decoded = self.state.full(params, pcm);
+        DECODE_ABORT.with(|a| a.replace(None));
+        decoded.map_err(|e| {
             if aborted() {
                 AsrError::Aborted
             } else {

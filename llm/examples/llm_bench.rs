@@ -110,6 +110,27 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
         }
     }
+    let mut speedup: Vec<f64> = lookup_tps
+        .iter()
+        .zip(&plain_tps)
+        .map(|(l, p)| l / p)
+        .collect();
+    let summary = |v: &mut [f64]| serde_json::json!({"p50": pct(v, 0.5), "p95": pct(v, 0.95)});
+    // One machine-readable line for benches/llm/run.sh, which sets it beside llama.cpp's.
+    let json = serde_json::json!({
+        "engine": "talkline",
+        "threads": threads,
+        "reps": reps,
+        "prompt_tokens": prompt.len(),
+        "prompt_tps": summary(&mut prompt_tps),
+        "decode_tps": summary(&mut decode_tps),
+        "follow_up_ttft_ms": summary(&mut follow_ttft),
+        "prefilled_ttft_ms": summary(&mut prefilled_ttft),
+        "copy_plain_tps": summary(&mut plain_tps),
+        "copy_lookup_tps": summary(&mut lookup_tps),
+        "lookup_speedup": summary(&mut speedup),
+        "lookup_acceptance_pct": summary(&mut accept),
+    });
     report(
         &format!("prompt ({} tokens)", prompt.len()),
         "tok/s",
@@ -125,5 +146,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     report("copy reply, plain decode", "tok/s", &mut plain_tps);
     report("copy reply, prompt lookup", "tok/s", &mut lookup_tps);
     report("prompt lookup acceptance", "%", &mut accept);
+    report("prompt lookup speed-up", "x", &mut speedup);
+    println!("JSON {json}");
     Ok(())
 }

@@ -10,21 +10,37 @@ use crate::template::Message;
 /// A cancellation flag shared between whoever runs a generation and whoever may stop it
 /// (barge-in). Generation checks it before every token, so it stops within one token.
 #[derive(Debug, Clone, Default)]
-pub struct CancelToken(Arc<AtomicBool>);
+pub struct CancelToken {
+    flag: Arc<AtomicBool>,
+    /// Cancelling the token this one was made from cancels this one too.
+    parent: Option<Arc<AtomicBool>>,
+}
 
 impl CancelToken {
     pub fn new() -> Self {
         Self::default()
     }
+    /// A token cancelled by its own [`cancel`](Self::cancel) or by this one's: a part of the
+    /// work (the LLM of a reply) can be stopped alone, and stops with the whole.
+    pub fn child(&self) -> Self {
+        CancelToken {
+            flag: Arc::default(),
+            parent: Some(self.flag.clone()),
+        }
+    }
     pub fn cancel(&self) {
-        self.0.store(true, Ordering::Release);
+        self.flag.store(true, Ordering::Release);
     }
     pub fn is_cancelled(&self) -> bool {
-        self.0.load(Ordering::Acquire)
+        self.flag.load(Ordering::Acquire)
+            || self
+                .parent
+                .as_ref()
+                .is_some_and(|p| p.load(Ordering::Acquire))
     }
     /// Clears the flag so the token can be used for the next turn.
     pub fn reset(&self) {
-        self.0.store(false, Ordering::Release);
+        self.flag.store(false, Ordering::Release);
     }
 }
 

@@ -51,6 +51,29 @@ pub enum LlmError {
 pub type Result<T, E = LlmError> = std::result::Result<T, E>;
 
 impl LlmError {
+    /// A short, stable name for the failure, for logs, events and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            LlmError::Connect { .. } => "connect",
+            LlmError::HttpStatus { .. } => "http_status",
+            LlmError::Timeout { .. } => "timeout",
+            LlmError::Stream { .. } => "stream",
+            LlmError::Protocol { .. } => "protocol",
+            LlmError::ContextFull { .. } => "context_full",
+            _ => "model",
+        }
+    }
+
+    /// The error without what a server or model sent back: an error body or a stream line can
+    /// echo the conversation, which must never reach a log.
+    pub fn redacted(&self) -> String {
+        match self {
+            LlmError::HttpStatus { url, status, .. } => format!("{url} answered HTTP {status}"),
+            LlmError::Protocol { .. } => "the server sent something unexpected".into(),
+            other => other.to_string(),
+        }
+    }
+
     pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> LlmError {
         let path = path.into();
         move |source| LlmError::Io { path, source }

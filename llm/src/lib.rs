@@ -2,7 +2,8 @@
 //!
 //! - [`ChatModel`] / [`ChatSession`]: the interface the runtime uses, with a local backend
 //!   ([`LocalChatModel`]: a GGUF Llama on our own forward pass over Q8_0 weights) and a remote one
-//!   ([`remote::OpenAiChatModel`]: any OpenAI-compatible server).
+//!   ([`remote::OpenAiChatModel`]: any OpenAI-compatible server), and a chain of the two
+//!   ([`fallback::FallbackChatModel`]: the local model answers when the server fails).
 //! - The local backend keeps a truncatable KV cache per session: a new turn only processes its
 //!   new tokens, and a speculative prefill of a partial transcript is extended or rolled back
 //!   when the transcript changes.
@@ -14,6 +15,7 @@
 pub mod chat;
 pub mod convert;
 pub mod error;
+pub mod fallback;
 pub mod local;
 pub mod model;
 pub mod q8;

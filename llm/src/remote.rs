@@ -88,7 +88,29 @@ impl ChatModel for OpenAiChatModel {
 pub struct OpenAiSession {
     config: OpenAiConfig,
     client: reqwest::Client,
-    rt: tokio::runtime::Runtime,
+    rt: OwnRuntime,
+}
+
+/// The session's runtime, shut down in the background when dropped: a session may be dropped
+/// from inside an async task (a call's end), where dropping a runtime outright would panic.
+struct OwnRuntime(Option<tokio::runtime::Runtime>);
+
+impl std::ops::Deref for OwnRuntime {
+    type Target = tokio::runtime::Runtime;
+
+    fn deref(&self) -> &Self::Target {
+        self.0
+            .as_ref()
+            .expect("the runtime is only taken out when the session is dropped")
+    }
+}
+
+impl Drop for OwnRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 impl std::fmt::Debug for OpenAiSession {
@@ -136,10 +158,16 @@ impl OpenAiSession {
                 path: "tokio runtime".into(),
                 source: e,
             })?;
-        Ok(OpenAiSession { config, client, rt })
+        Ok(OpenAiSession {
+            config,
+            client,
+            rt: OwnRuntime(Some(rt)),
+        })
     }
 
-    async fn attempt(
+    /// One request. Only the network waits run inside the runtime: `on_text` is called outside
+    /// it, so it may block (a full queue downstream) like the local backend's callback.
+    fn attempt(
         &self,
         body: &str,
         cancel: &CancelToken,
@@ -157,7 +185,10 @@ impl OpenAiSession {
             req = req.bearer_auth(key);
         }
         let first_deadline = start + self.config.first_token_timeout;
-        let response = match wait(req.send(), first_deadline, cancel).await {
+        let sent = self
+            .rt
+            .block_on(async { wait(req.send(), first_deadline, cancel).await });
+        let response = match sent {
             Waited::Ready(Ok(r)) => r,
             Waited::Ready(Err(e)) => {
                 return Ok(Attempt::Retryable(LlmError::Connect {
@@ -176,7 +207,10 @@ impl OpenAiSession {
         };
         let status = response.status();
         if !status.is_success() {
-            let body = match wait(response.text(), first_deadline, cancel).await {
+            let text = self
+                .rt
+                .block_on(async { wait(response.text(), first_deadline, cancel).await });
+            let body = match text {
                 Waited::Ready(Ok(t)) => t.chars().take(MAX_ERROR_BODY).collect(),
                 _ => String::new(),
             };
@@ -204,7 +238,7 @@ impl OpenAiSession {
                 None => first_deadline,
                 Some(_) => Instant::now() + self.config.between_tokens_timeout,
             };
-            let chunk = match wait(stream.next(), deadline, cancel).await {
+            let chunk = match self.rt.block_on(wait(stream.next(), deadline, cancel)) {
                 Waited::Ready(Some(Ok(c))) => c,
                 Waited::Ready(Some(Err(e))) => {
                     let err = LlmError::Stream {
@@ -399,14 +433,12 @@ impl ChatSession for OpenAiSession {
         })?;
         let mut attempt = 0;
         loop {
-            let result = self
-                .rt
-                .block_on(self.attempt(&body, cancel, &mut *on_text))?;
+            let result = self.attempt(&body, cancel, &mut *on_text)?;
             match result {
                 Attempt::Done(reply) => return Ok(reply),
                 Attempt::Retryable(err) if attempt < self.config.retries => {
                     attempt += 1;
-                    tracing::warn!(attempt, error = %err, "retrying the LLM request");
+                    tracing::warn!(attempt, error = %err.redacted(), "retrying the LLM request");
                     let backoff = self.config.retry_backoff * attempt;
                     let deadline = Instant::now() + backoff;
                     // The sleep must be created inside the runtime (it registers a timer).

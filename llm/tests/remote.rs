@@ -32,6 +32,9 @@ enum End {
     Done,
     Drop,
     Stall,
+    /// An OpenAI-style error event, then the end of the stream (as servers report a failure
+    /// once the 200 status has gone out).
+    Error,
 }
 
 struct Server {
@@ -136,6 +139,13 @@ fn handle(mut stream: TcpStream, behaviour: Behaviour, requests: &Mutex<Vec<Stri
                     let _ = stream.shutdown(std::net::Shutdown::Both);
                 }
                 End::Stall => std::thread::sleep(Duration::from_secs(5)),
+                End::Error => {
+                    chunk(
+                        &mut stream,
+                        "data: {\"error\":{\"message\":\"out of memory\",\"type\":\"server_error\"}}\n\n",
+                    );
+                    let _ = stream.write_all(b"0\r\n\r\n");
+                }
             }
         }
     }
@@ -270,6 +280,26 @@ fn a_dropped_connection_mid_stream_is_an_error_not_a_short_reply() {
 }
 
 #[test]
+fn an_error_event_mid_stream_is_an_error_naming_it() {
+    let server = serve(vec![stream(vec!["so far"], End::Error)]);
+    let (reply, pieces) = ask(&mut session(&server), &CancelToken::new());
+    assert_eq!(pieces, ["so far"]);
+    match reply {
+        Err(LlmError::Protocol { reason }) => assert!(reason.contains("out of memory"), "{reason}"),
+        other => panic!("expected the server's error, got {other:?}"),
+    }
+    assert_eq!(server.connections.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn http_429_is_retried_like_a_busy_server() {
+    let server = serve(vec![Behaviour::Status(429), stream(vec!["ok"], End::Done)]);
+    let (reply, _) = ask(&mut session(&server), &CancelToken::new());
+    assert_eq!(reply.expect("the retry succeeds").text, "ok");
+    assert_eq!(server.connections.load(Ordering::SeqCst), 2);
+}
+
+#[test]
 fn cancellation_stops_the_stream_within_one_piece() {
     let server = serve(vec![Behaviour::Stream {
         pieces: vec!["one", " two", " three", " four", " five"],
@@ -309,4 +339,70 @@ fn an_unreachable_server_is_a_connect_error() {
     let mut s = OpenAiSession::new(c).expect("client");
     let (reply, _) = ask(&mut s, &CancelToken::new());
     assert!(matches!(reply, Err(LlmError::Connect { .. })), "{reply:?}");
+}
+
+/// A voice agent's callback blocks on a full queue (tokio's `blocking_send`), as it may with the
+/// local backend; and a call ends by dropping its session inside an async task (issue #11).
+#[test]
+fn the_callback_may_block_and_the_session_may_be_dropped_in_an_async_task() {
+    let server = serve(vec![stream(vec!["Hel", "lo"], End::Done)]);
+    let mut s = session(&server);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(8);
+    let reply = s
+        .reply(
+            &[Message::user("Hi")],
+            &GenerateParams::default(),
+            &CancelToken::new(),
+            &mut |p| {
+                tx.blocking_send(p.to_string())
+                    .expect("the receiver is open")
+            },
+        )
+        .expect("a complete reply");
+    assert_eq!(reply.text, "Hello");
+    drop(tx);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("a runtime");
+    let pieces = rt.block_on(async move {
+        drop(s);
+        let mut pieces = Vec::new();
+        while let Some(p) = rx.recv().await {
+            pieces.push(p);
+        }
+        pieces
+    });
+    assert_eq!(pieces, ["Hel", "lo"]);
+}
+
+/// A reply's child token stops the stream when the reply as a whole is cancelled, even while the
+/// server is silent between tokens.
+#[test]
+fn cancelling_the_parent_token_stops_a_stalled_stream() {
+    let server = serve(vec![stream(vec!["Hel"], End::Stall)]);
+    let mut c = OpenAiConfig::new(server.base_url.clone(), "m");
+    c.between_tokens_timeout = Duration::from_secs(30);
+    let mut s = OpenAiSession::new(c).expect("client");
+    let parent = CancelToken::new();
+    let child = parent.child();
+    let canceller = {
+        let parent = parent.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            parent.cancel();
+        })
+    };
+    let started = std::time::Instant::now();
+    let (reply, pieces) = ask(&mut s, &child);
+    canceller.join().expect("the canceller ran");
+    assert_eq!(
+        reply.expect("cancelled, not failed").stop,
+        StopReason::Cancelled
+    );
+    assert_eq!(pieces, ["Hel"]);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
 }

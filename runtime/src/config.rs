@@ -24,6 +24,31 @@ pub struct Config {
     pub webrtc: WebRtcConfig,
     pub audio: AudioConfig,
     pub turn: crate::turn::TurnConfig,
+    pub openai: OpenAiEndpointConfig,
+}
+
+/// `[openai]`: `talkline serve`'s OpenAI-compatible endpoint over the local model
+/// (`/v1/chat/completions`, `/v1/models`; see [`crate::openai`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OpenAiEndpointConfig {
+    /// Serve the endpoint (only with `[llm] backend = "local"`).
+    pub enabled: bool,
+    /// Completions generated at once; more are refused with 503 and `Retry-After` rather than
+    /// queued, since each one holds inference threads for its whole reply.
+    pub max_concurrent: usize,
+    /// Cap on a request's `max_tokens`, and the value used when a request gives none.
+    pub max_tokens: usize,
+}
+
+impl Default for OpenAiEndpointConfig {
+    fn default() -> Self {
+        OpenAiEndpointConfig {
+            enabled: true,
+            max_concurrent: 2,
+            max_tokens: 512,
+        }
+    }
 }
 
 /// Processing of the caller's audio before the VAD and the ASR.
@@ -74,9 +99,17 @@ pub struct AgentConfig {
     pub max_reply_tokens: usize,
     /// A call with no audio from the caller for this long is ended.
     pub idle_timeout_s: f64,
+    /// Said when a reply cannot be given: the LLM fails or stalls, or the voice yields no audio.
+    /// Synthesized once at start-up, so it plays even when the voice itself is failing.
+    /// Empty: the reply ends in silence.
+    pub fallback_line: String,
     /// `[agent.lab_results]`: used when `kind = "lab-results"`.
     pub lab_results: LabResultsConfig,
 }
+
+/// `[agent] fallback_line` unless configured.
+pub const DEFAULT_FALLBACK_LINE: &str =
+    "Sorry, I'm having trouble right now. Could you say that again?";
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -120,6 +153,7 @@ impl Default for AgentConfig {
             greeting: None,
             max_reply_tokens: 60,
             idle_timeout_s: 60.0,
+            fallback_line: DEFAULT_FALLBACK_LINE.to_string(),
         }
     }
 }
@@ -207,10 +241,50 @@ pub enum LlmConfig {
         /// Name of the environment variable that holds the API key, if the server needs one.
         #[serde(default)]
         api_key_env: Option<String>,
+        /// Longest wait for the TCP connection.
+        #[serde(default = "default_connect_timeout_s")]
+        connect_timeout_s: f64,
+        /// Longest wait from sending the request to the first word of the reply.
+        #[serde(default = "default_first_token_timeout_s")]
+        first_token_timeout_s: f64,
+        /// Longest silence of the stream once the reply has started; then the reply is given
+        /// up and the fallback line follows what was said.
+        #[serde(default = "default_between_tokens_timeout_s")]
+        between_tokens_timeout_s: f64,
+        /// Extra attempts when a request fails before its first word.
+        #[serde(default = "default_retries")]
+        retries: u32,
+        /// A model that answers when the server fails before the first word: `"local"`, the
+        /// local model (`[llm]` local defaults). Unset: the fallback line is said instead.
+        #[serde(default)]
+        fallback: Option<LlmFallback>,
     },
 }
 
-fn default_llm_threads() -> usize {
+/// `[llm] fallback`: what answers when the remote server cannot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LlmFallback {
+    Local,
+}
+
+fn default_connect_timeout_s() -> f64 {
+    3.0
+}
+
+fn default_first_token_timeout_s() -> f64 {
+    10.0
+}
+
+fn default_between_tokens_timeout_s() -> f64 {
+    5.0
+}
+
+fn default_retries() -> u32 {
+    2
+}
+
+pub(crate) fn default_llm_threads() -> usize {
     1
 }
 
@@ -231,6 +305,29 @@ pub struct TtsConfig {
     pub voice: Option<PathBuf>,
     /// Speaker id for multi-speaker voices.
     pub speaker: Option<u32>,
+    /// The first chunk of a reply goes to the voice after at most this many words, even
+    /// mid-clause: fewer words start the voice sooner (each word is a few LLM tokens and a slice of
+    /// the voice's run), at some cost in the prosody of that first cut. 0 waits for the clause.
+    pub first_chunk_max_words: Option<usize>,
+}
+
+impl TtsConfig {
+    /// The clause chunker's settings.
+    pub fn chunker(&self) -> talkline_tts::chunker::ChunkerConfig {
+        let default = talkline_tts::chunker::ChunkerConfig::default();
+        let first_max_words = self
+            .first_chunk_max_words
+            .unwrap_or(default.first_max_words);
+        talkline_tts::chunker::ChunkerConfig {
+            first_max_words,
+            // A cut below the minimum would never be taken.
+            first_min_words: match first_max_words {
+                0 => default.first_min_words,
+                max => default.first_min_words.min(max),
+            },
+            ..default
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -306,10 +403,17 @@ impl Config {
             Some(p) => own("VAD model", p, "[vad] model", FileKind::Onnx),
             None => embedded("VAD model", "silero-vad", "silero_vad.onnx", FileKind::Onnx),
         });
-        if let LlmConfig::Local {
-            model, tokenizer, ..
-        } = &self.llm
-        {
+        let local = match &self.llm {
+            LlmConfig::Local {
+                model, tokenizer, ..
+            } => Some((model.as_ref(), tokenizer.as_ref())),
+            LlmConfig::Openai {
+                fallback: Some(LlmFallback::Local),
+                ..
+            } => Some((None, None)),
+            LlmConfig::Openai { .. } => None,
+        };
+        if let Some((model, tokenizer)) = local {
             out.push(match model {
                 Some(p) => own("LLM model", p, "[llm] model", FileKind::Gguf),
                 // The fetch-time Q8_0 re-quantization: the weights talkline-llm runs, so loading
@@ -522,6 +626,39 @@ mod tests {
             !required.iter().any(|r| r.what == "LLM model"),
             "remote LLM needs no file"
         );
+    }
+
+    #[test]
+    fn remote_timeouts_fallback_model_and_fallback_line_are_configurable() {
+        let config = Config::from_toml(
+            "[agent]\nfallback_line = \"One moment, please.\"\n\
+             [llm]\nbackend = \"openai\"\nbase_url = \"http://x/v1\"\nmodel = \"m\"\n\
+             between_tokens_timeout_s = 1.5\nretries = 0\nfallback = \"local\"\n",
+        )
+        .expect("valid config");
+        assert_eq!(config.agent.fallback_line, "One moment, please.");
+        let LlmConfig::Openai {
+            connect_timeout_s,
+            between_tokens_timeout_s,
+            retries,
+            fallback,
+            ..
+        } = &config.llm
+        else {
+            panic!("the openai backend: {:?}", config.llm);
+        };
+        assert_eq!(*between_tokens_timeout_s, 1.5);
+        assert_eq!(*connect_timeout_s, 3.0, "unset keys keep their defaults");
+        assert_eq!(*retries, 0);
+        assert_eq!(*fallback, Some(LlmFallback::Local));
+        // The local fallback needs the local model on disk.
+        let required = config.required_models(&ModelStore::at("/cache"));
+        assert!(required.iter().any(|r| r.what == "LLM model"));
+        assert_eq!(Config::default().agent.fallback_line, DEFAULT_FALLBACK_LINE);
+        assert!(Config::from_toml(
+            "[llm]\nbackend = \"openai\"\nbase_url = \"u\"\nmodel = \"m\"\nfallback = \"cloud\"\n"
+        )
+        .is_err());
     }
 
     #[test]

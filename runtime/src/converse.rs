@@ -210,7 +210,7 @@ pub fn run(args: ConverseArgs, config_path: Option<&Path>) -> anyhow::Result<()>
         }
 
         while let Some(action) = turns.poll_action() {
-            tracing::debug!(now, ?action, "turn action");
+            tracing::debug!(now, action = %action.redacted(), "turn action");
             match action {
                 TurnAction::StartReply {
                     reply,

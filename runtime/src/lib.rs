@@ -13,6 +13,7 @@ pub mod jitter;
 pub mod metrics;
 pub mod models;
 pub mod onnx;
+pub mod openai;
 pub mod say;
 pub mod serve;
 pub mod session;

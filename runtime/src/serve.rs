@@ -1,12 +1,14 @@
 //! `talkline serve`: HTTP with the browser demo at `/`, WebRTC signaling (`POST /webrtc/offer`,
 //! `DELETE /webrtc/session/{id}`; see [`crate::webrtc`]), the WebSocket transports (`/ws`, and
-//! `/twilio` for Twilio Media Streams; see [`crate::twilio`]), `/healthz` and `/metrics`.
+//! `/twilio` for Twilio Media Streams; see [`crate::twilio`]), `/healthz`, `/metrics`, and the
+//! OpenAI-compatible `/v1/chat/completions` and `/v1/models` (see [`crate::openai`]).
 //!
 //! WebSocket protocol: the client first sends `{"type":"hello","sample_rate":16000}` (8-48 kHz),
 //! then binary frames of mono PCM16 little-endian audio at that rate, and may send keypad keys as
 //! `{"type":"dtmf","digit":"5"}`. The server sends binary
 //! frames of agent audio at the same rate, paced at 20 ms, and JSON events: `ready`, `partial`,
-//! `final`, `turn` (texts and latencies), `clear` (drop queued audio: barge-in) and `error`.
+//! `final`, `turn` (texts and latencies), `clear` (drop queued audio: barge-in), `error`
+//! (with `stage` and `kind` when a reply failed) and `fallback` (the fallback line starts playing).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -97,6 +99,7 @@ pub fn run(args: ServeArgs, config_path: Option<&std::path::Path>) -> anyhow::Re
     let store = ModelStore::open_default()?;
     let max_tokens = args.max_tokens.unwrap_or(config.agent.max_reply_tokens);
     let shared = Arc::new(load_shared(&config, &store, max_tokens)?);
+    let openai = crate::openai::router(&config, &store, shared.chat.clone())?;
     let webrtc = config.webrtc.clone();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -105,7 +108,7 @@ pub fn run(args: ServeArgs, config_path: Option<&std::path::Path>) -> anyhow::Re
         .context("starting the async runtime")?;
     runtime.block_on(async {
         let webrtc = Arc::new(WebRtcHub::new(&webrtc)?);
-        serve(shared, webrtc, args).await
+        serve(shared, webrtc, openai, args).await
     })
 }
 
@@ -126,12 +129,14 @@ pub fn load_shared(
     drop(crate::stages::load_vad(config, store));
     let vad_config = config.clone();
     let vad_store = store.clone();
+    let voice = Arc::new(Mutex::new(crate::stages::load_voice(config, store)?));
+    let fallback = session::FallbackLine::synthesize(&voice, &config.agent.fallback_line)?;
     Ok(Shared {
         asr,
         streaming: config.streaming(),
         vad: Box::new(move || crate::stages::load_vad(&vad_config, &vad_store)),
         chat: crate::stages::load_chat_model(config, store)?,
-        voice: Arc::new(Mutex::new(crate::stages::load_voice(config, store)?)),
+        voice,
         metrics: Arc::new(metrics::Metrics::new()),
         echo_cancellation: config.audio.echo_cancellation,
         agents: crate::agent::AgentFactory::from_config(config)?,
@@ -141,10 +146,17 @@ pub fn load_shared(
             vad_threshold: config.vad.threshold,
             ..config.turn.clone()
         },
+        fallback,
+        chunker: config.tts.chunker(),
     })
 }
 
-async fn serve(shared: Arc<Shared>, webrtc: Arc<WebRtcHub>, args: ServeArgs) -> anyhow::Result<()> {
+async fn serve(
+    shared: Arc<Shared>,
+    webrtc: Arc<WebRtcHub>,
+    openai: Option<Router>,
+    args: ServeArgs,
+) -> anyhow::Result<()> {
     let app = App {
         shared,
         max_sessions: args.max_sessions,
@@ -167,7 +179,8 @@ async fn serve(shared: Arc<Shared>, webrtc: Arc<WebRtcHub>, args: ServeArgs) -> 
         .route("/metrics", get(metrics))
         .route("/ws", get(ws_upgrade))
         .route("/twilio", get(twilio_upgrade))
-        .with_state(app);
+        .with_state(app)
+        .merge(openai.unwrap_or_default());
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
@@ -294,9 +307,12 @@ fn upgrade(app: App, ws: WebSocketUpgrade, transport: Transport) -> Response {
         })
 }
 
-#[derive(Deserialize)]
+/// A text message from a `/ws` client. Public (hidden) only for the fuzz target `ws_control`,
+/// which checks that what parses serializes back to the same message.
+#[doc(hidden)]
+#[derive(Debug, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
-enum ClientMessage {
+pub enum ClientMessage {
     Hello {
         sample_rate: u32,
     },
@@ -307,12 +323,32 @@ enum ClientMessage {
     Bye,
 }
 
+/// The one parser of client text messages.
+#[doc(hidden)]
+pub fn parse_client_message(text: &str) -> Result<ClientMessage, serde_json::Error> {
+    serde_json::from_str(text)
+}
+
+/// A binary `/ws` audio frame (16-bit little-endian PCM) as samples; `None` for an odd length.
+#[doc(hidden)]
+pub fn decode_pcm16_frame(bytes: &[u8]) -> Option<Vec<f32>> {
+    if !bytes.len().is_multiple_of(2) {
+        return None;
+    }
+    let mut samples: Vec<f32> = bytes
+        .chunks_exact(2)
+        .map(|b| i16::from_le_bytes([b[0], b[1]]) as f32 / 32768.0)
+        .collect();
+    talkline_asr::audio::sanitize(&mut samples);
+    Some(samples)
+}
+
 /// Keys waiting for the session. Policy when full: the key is dropped (a caller cannot outtype
 /// a session that reads them as they come).
 pub(crate) const KEY_QUEUE: usize = 32;
 
 /// A keypad key from a wire message: exactly one of `0`-`9`, `*`, `#`.
-pub(crate) fn parse_key(digit: &str) -> Option<char> {
+pub fn parse_key(digit: &str) -> Option<char> {
     let mut chars = digit.chars();
     match (chars.next(), chars.next()) {
         (Some(c), None) if c.is_ascii_digit() || c == '*' || c == '#' => Some(c),
@@ -336,7 +372,7 @@ async fn handle_socket(mut socket: WebSocket, shared: Arc<Shared>, id: u64) -> a
             .context("no hello within 5 s")?
             .context("closed before hello")??;
         match msg {
-            WsMessage::Text(text) => match serde_json::from_str::<ClientMessage>(&text) {
+            WsMessage::Text(text) => match parse_client_message(&text) {
                 Ok(ClientMessage::Hello { sample_rate })
                     if (8_000..=48_000).contains(&sample_rate) =>
                 {
@@ -419,21 +455,16 @@ async fn handle_socket(mut socket: WebSocket, shared: Arc<Shared>, id: u64) -> a
     while let Some(msg) = stream.next().await {
         match msg {
             Ok(WsMessage::Binary(bytes)) => {
-                if bytes.len() % 2 != 0 {
+                let Some(samples) = decode_pcm16_frame(&bytes) else {
                     errors.push("an audio frame had an odd number of bytes; it was ignored");
                     continue;
-                }
-                let mut samples: Vec<f32> = bytes
-                    .chunks_exact(2)
-                    .map(|b| i16::from_le_bytes([b[0], b[1]]) as f32 / 32768.0)
-                    .collect();
-                talkline_asr::audio::sanitize(&mut samples);
+                };
                 let audio = resampler.push(&samples);
                 if !audio.is_empty() && input_tx.try_send(audio).is_err() {
                     dropped += 1;
                 }
             }
-            Ok(WsMessage::Text(text)) => match serde_json::from_str::<ClientMessage>(&text) {
+            Ok(WsMessage::Text(text)) => match parse_client_message(&text) {
                 Ok(ClientMessage::Bye) => break,
                 Ok(ClientMessage::Dtmf { digit }) => match parse_key(&digit) {
                     Some(key) => {

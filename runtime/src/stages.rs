@@ -2,15 +2,17 @@
 //! Every command that needs them (`chat`, `say`, `converse`, `serve`) goes through here.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use talkline_asr::vad::{EnergyVad, SileroVad, SpeechProbability};
 use talkline_asr::whisper::WhisperModel;
+use talkline_llm::fallback::FallbackChatModel;
 use talkline_llm::remote::{OpenAiChatModel, OpenAiConfig};
 use talkline_llm::{ChatModel, DraftSource, LoadOptions, LocalChatModel, LocalConfig, LocalModel};
 use talkline_tts::{PiperVoice, VoiceOptions};
 
-use crate::config::{Config, LlmConfig, Origin, RequiredModel};
+use crate::config::{default_llm_threads, Config, LlmConfig, LlmFallback, Origin, RequiredModel};
 use crate::models::ModelStore;
 
 /// The model that holds the espeak-ng data Piper was trained with.
@@ -87,19 +89,60 @@ pub fn chat_model(
             base_url,
             model,
             api_key_env,
+            connect_timeout_s,
+            first_token_timeout_s,
+            between_tokens_timeout_s,
+            retries,
+            fallback,
         } => {
             anyhow::ensure!(
                 matches!(draft, DraftChoice::None),
                 "speculative decoding (--draft, --lookup) needs the local backend"
             );
+            let seconds = |key: &str, s: f64| {
+                anyhow::ensure!(
+                    s.is_finite() && s > 0.0 && s <= 3600.0,
+                    "[llm] {key} must be between 0 and 3600 seconds, not {s}"
+                );
+                Ok(Duration::from_secs_f64(s))
+            };
             let mut c = OpenAiConfig::new(base_url.clone(), model.clone());
+            c.connect_timeout = seconds("connect_timeout_s", *connect_timeout_s)?;
+            c.first_token_timeout = seconds("first_token_timeout_s", *first_token_timeout_s)?;
+            c.between_tokens_timeout =
+                seconds("between_tokens_timeout_s", *between_tokens_timeout_s)?;
+            c.retries = *retries;
             if let Some(var) = api_key_env {
                 c.api_key =
                     Some(std::env::var(var).with_context(|| {
                         format!("[llm] api_key_env names {var}, which is unset")
                     })?);
             }
-            Ok(Box::new(OpenAiChatModel::new(c)))
+            let remote = Box::new(OpenAiChatModel::new(c));
+            match fallback {
+                None => Ok(remote),
+                Some(LlmFallback::Local) => {
+                    let local = LlmConfig::Local {
+                        model: None,
+                        tokenizer: None,
+                        threads: threads.unwrap_or_else(default_llm_threads),
+                    };
+                    let local = chat_model(
+                        &Config {
+                            llm: local,
+                            ..config.clone()
+                        },
+                        store,
+                        threads,
+                        DraftChoice::None,
+                    )
+                    .context("loading the local fallback model ([llm] fallback = \"local\")")?;
+                    Ok(Box::new(FallbackChatModel {
+                        primary: remote,
+                        fallback: local,
+                    }))
+                }
+            }
         }
     }
 }

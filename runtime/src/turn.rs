@@ -106,6 +106,56 @@ pub enum TurnAction {
     },
 }
 
+impl TurnAction {
+    /// The action without the caller's words, for logs (which must never hold patient data).
+    pub fn redacted(&self) -> String {
+        match self {
+            TurnAction::StartReply {
+                reply,
+                user_text,
+                speculative,
+            } => format!(
+                "StartReply {{ reply: {reply}, speculative: {speculative}, user_words: {} }}",
+                user_text.split_whitespace().count()
+            ),
+            TurnAction::EstimateEndOfUtterance { text } => format!(
+                "EstimateEndOfUtterance {{ words: {} }}",
+                text.split_whitespace().count()
+            ),
+            other => format!("{other:?}"),
+        }
+    }
+}
+
+/// An ASR event without its words, for logs.
+pub fn redacted_asr_event(event: &AsrEvent) -> String {
+    let words = |t: &str| t.split_whitespace().count();
+    match event {
+        AsrEvent::Partial {
+            committed,
+            tentative,
+            audio_end,
+        } => format!(
+            "Partial {{ committed_words: {}, tentative_words: {}, audio_end: {audio_end:.2} }}",
+            words(committed),
+            words(tentative)
+        ),
+        AsrEvent::Final {
+            text,
+            start,
+            end,
+            decode_ms,
+            from_pause_decode,
+            ..
+        } => format!(
+            "Final {{ words: {}, start: {start:.2}, end: {end:.2}, decode_ms: {decode_ms:.0}, \
+             from_pause_decode: {from_pause_decode} }}",
+            words(text)
+        ),
+        other => format!("{other:?}"),
+    }
+}
+
 /// Counters for metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct TurnStats {
@@ -290,6 +340,11 @@ impl TurnManager {
             AsrEvent::SpeechEnded { at } => {
                 self.user_speaking = false;
                 self.speech_end = Some(*at);
+                // The utterance is over: its Final, not a partial of it, is what comes next, and
+                // a partial left here would be joined to that Final by a late speculation.
+                self.pause_at = None;
+                self.speculate_at = None;
+                self.latest_partial = None;
                 if self.barge_in_at.take().is_some() {
                     // Shorter than the barge-in threshold: a backchannel or a cough.
                     self.stats.ignored_short_speech += 1;
@@ -582,6 +637,51 @@ mod tests {
             .iter()
             .any(|a| matches!(a, TurnAction::CommitReply { .. })));
         assert_eq!(t.stats().speculative_misses, 1);
+    }
+
+    #[test]
+    fn what_goes_to_the_log_holds_no_words_of_the_caller() {
+        let secret = "my date of birth is March fourth";
+        let logged = [
+            TurnAction::StartReply {
+                reply: 1,
+                user_text: secret.into(),
+                speculative: true,
+            }
+            .redacted(),
+            TurnAction::EstimateEndOfUtterance {
+                text: secret.into(),
+            }
+            .redacted(),
+            redacted_asr_event(&AsrEvent::Partial {
+                committed: secret.into(),
+                tentative: secret.into(),
+                audio_end: 1.0,
+            }),
+            redacted_asr_event(&final_(secret, 1.0)),
+        ];
+        for line in logged {
+            assert!(!line.contains("March") && !line.contains("birth"), "{line}");
+        }
+    }
+
+    #[test]
+    fn a_pause_that_ends_the_utterance_before_its_timer_speculates_nothing_twice() {
+        let mut t = TurnManager::new(TurnConfig::default());
+        t.on_asr(0.5, &AsrEvent::SpeechStarted { at: 0.4 });
+        t.on_asr(1.03, &AsrEvent::Paused { at: 1.0 });
+        t.on_asr(1.1, &partial("is my blood sugar okay", 1.03));
+        t.on_asr(1.12, &AsrEvent::SpeechEnded { at: 1.0 });
+        t.on_asr(1.12, &final_("is my blood sugar okay", 1.0));
+        tick(&mut t, 1.3);
+        let starts: Vec<_> = drain(&mut t)
+            .into_iter()
+            .filter_map(|a| match a {
+                TurnAction::StartReply { user_text, .. } => Some(user_text),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(starts, ["is my blood sugar okay"]);
     }
 
     #[test]

@@ -4,6 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+pub mod fault_server;
+
 /// The `talkline` binary under test: `$TALKLINE_BIN`, else the one cargo built beside the tests.
 pub fn talkline_bin() -> PathBuf {
     if let Some(bin) = std::env::var_os("TALKLINE_BIN") {

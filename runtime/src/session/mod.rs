@@ -11,7 +11,7 @@
 //! Output is paced here at 20 ms frames: a barge-in clears the queue, so the next frame after the
 //! decision is silent.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,11 +25,14 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+mod agent_audio;
 mod echo_path;
 mod replies;
 
+use agent_audio::AgentAudio;
 use echo_path::{EchoPath, CLEANED_QUEUE};
-use replies::{Launcher, ReplyMsg};
+pub use replies::FallbackLine;
+use replies::{Launcher, ReplyMsg, THREADS_JOIN_TIMEOUT};
 
 use crate::agent::{Agent, AgentAction, AgentFactory, LlmRequest};
 use crate::metrics::{Speculation, TurnLatencies};
@@ -64,6 +67,10 @@ pub struct Shared {
     pub idle_timeout: Duration,
     pub max_tokens: usize,
     pub turn: TurnConfig,
+    /// Said when a reply cannot be given (see [`replies`]).
+    pub fallback: FallbackLine,
+    /// Where replies are cut into chunks for the voice (`[tts]`).
+    pub chunker: talkline_tts::chunker::ChunkerConfig,
 }
 
 /// What the session sends to its transport.
@@ -107,6 +114,8 @@ struct ReplyState {
     request: Option<LlmRequest>,
     afterwards: Afterwards,
     transfer_reason: String,
+    /// The utterance failed; the fallback line plays once the reply is committed.
+    failed: bool,
 }
 
 impl ReplyState {
@@ -129,6 +138,7 @@ impl ReplyState {
             request: None,
             afterwards: Afterwards::Listen,
             transfer_reason: String::new(),
+            failed: false,
         }
     }
 
@@ -160,9 +170,22 @@ struct Playing {
     chunks: Vec<QueuedChunk>,
     queued: u64,
     first_out_at: f64,
+    /// Samples into the reply where the fallback line starts, until it is announced.
+    fallback_at: Option<u64>,
 }
 
 impl Playing {
+    fn new(reply: ReplyId, now: f64) -> Self {
+        Playing {
+            reply,
+            played: 0,
+            chunks: Vec::new(),
+            queued: 0,
+            first_out_at: now,
+            fallback_at: None,
+        }
+    }
+
     fn heard(&self) -> String {
         let mut words = Vec::new();
         for chunk in &self.chunks {
@@ -260,7 +283,9 @@ async fn run_session(
         out_rate,
         tx: reply_tx.clone(),
         threads: 0,
+        handles: Vec::new(),
     };
+    let fallback = shared.fallback.for_session(out_rate);
     let mut replies: HashMap<ReplyId, ReplyState> = HashMap::new();
     let greeting = lock(&agent).greeting().filter(|g| !g.trim().is_empty());
     if let Some(greeting) = greeting {
@@ -272,7 +297,7 @@ async fn run_session(
     }
     // Set when an utterance that ends the call has been played.
     let mut hang_up = false;
-    let mut queue: VecDeque<f32> = VecDeque::new();
+    let mut queue = AgentAudio::new(out_rate);
     let mut playing: Option<Playing> = None;
     let frame = (out_rate as f64 * FRAME_S) as usize;
     let mut dropped_frames = 0u64;
@@ -340,7 +365,7 @@ async fn run_session(
                     AsrEvent::SpeechEnded { at } => speech_end = Some(*at),
                     _ => {}
                 }
-                tracing::debug!(session = %name, now, ?event, "asr");
+                tracing::debug!(session = %name, now, event = %crate::turn::redacted_asr_event(&event), "asr");
                 match &event {
                     AsrEvent::SpeechStarted { .. } => {
                         let context = lock(&agent).speculate("");
@@ -354,7 +379,8 @@ async fn run_session(
                 }
                 turns.on_asr(now, &event);
             }
-            Some(msg) = reply_rx.recv() => {
+            // Audio is taken only while a whole chunk fits; until then the reply threads wait.
+            Some(msg) = reply_rx.recv(), if queue.has_room_for_a_chunk() => {
                 let now = media_now(media_samples, last_audio);
                 let at = |i: Instant| now - i.elapsed().as_secs_f64();
                 match msg {
@@ -378,12 +404,18 @@ async fn run_session(
                         tracing::debug!(session = %name, probability, "end-of-utterance probability");
                         turns.on_end_of_utterance(now, &text, probability);
                     }
-                    ReplyMsg::Failed { reply, thread, error } => {
-                        if replies.get(&reply).is_some_and(|r| !r.current(thread)) { continue; }
-                        tracing::warn!(reply, %error, "reply failed");
+                    ReplyMsg::Failed { reply, thread, failure } => {
+                        let Some(r) = replies.get_mut(&reply).filter(|r| r.current(thread)) else { continue };
+                        let stage = failure.stage.name();
+                        tracing::warn!(reply, stage, kind = failure.kind, error = %failure.detail, "reply failed; the fallback line follows");
                         shared.metrics.reply_failed();
-                        send(&output, SessionOutput::Event(json!({"type": "error", "message": "the agent could not answer"})), &mut dropped_frames);
-                        if let Some(r) = replies.get_mut(&reply) { r.done = true; }
+                        send(&output, SessionOutput::Event(json!({"type": "error", "stage": stage, "kind": failure.kind, "message": "the agent could not answer"})), &mut dropped_frames);
+                        r.done = true;
+                        r.generated = failure.spoken;
+                        r.failed = true;
+                        if r.committed {
+                            fallback.play(&mut queue, &mut playing, reply, r, now);
+                        }
                     }
                 }
             }
@@ -416,10 +448,15 @@ async fn run_session(
                 }
                 // One paced frame of agent audio.
                 if !queue.is_empty() {
-                    let n = frame.min(queue.len());
-                    let mut out: Vec<f32> = queue.drain(..n).collect();
-                    out.resize(frame, 0.0);
-                    if let Some(p) = &mut playing { p.played += n as u64; }
+                    let mut out = vec![0.0f32; frame];
+                    let n = queue.pop_into(&mut out);
+                    if let Some(p) = &mut playing {
+                        if p.fallback_at.is_some_and(|at| at < p.played + n as u64) {
+                            p.fallback_at = None;
+                            send(&output, SessionOutput::Event(json!({"type": "fallback", "text": fallback.line})), &mut dropped_frames);
+                        }
+                        p.played += n as u64;
+                    }
                     echo.played(&out);
                     send(&output, SessionOutput::Audio(out), &mut dropped_frames);
                 } else {
@@ -438,7 +475,7 @@ async fn run_session(
         // Carry out what the turn manager decided.
         while let Some(action) = turns.poll_action() {
             let now = media_now(media_samples, last_audio);
-            tracing::debug!(session = %name, now, ?action, "turn action");
+            tracing::debug!(session = %name, now, action = %action.redacted(), "turn action");
             match action {
                 TurnAction::StartReply {
                     reply,
@@ -485,6 +522,9 @@ async fn run_session(
                         }
                         for chunk in std::mem::take(&mut r.held) {
                             enqueue(&mut queue, &mut playing, reply, chunk, now);
+                        }
+                        if r.failed {
+                            fallback.play(&mut queue, &mut playing, reply, r, now);
                         }
                     }
                 }
@@ -555,11 +595,20 @@ async fn run_session(
     for r in replies.values() {
         r.cancel.cancel();
     }
+    // Closed first: a reply thread may be waiting for room in it.
+    drop(reply_rx);
+    launcher.join(THREADS_JOIN_TIMEOUT).await;
     if dropped_frames > 0 {
         shared.metrics.audio_frames_dropped(dropped_frames);
         tracing::warn!(
             dropped_frames,
             "output frames dropped: the client read too slowly"
+        );
+    }
+    if queue.dropped_samples() > 0 {
+        tracing::warn!(
+            dropped_samples = queue.dropped_samples(),
+            "agent audio dropped: its queue overflowed"
         );
     }
     asr.close();
@@ -599,19 +648,13 @@ fn prefill_while_speaking(
 }
 
 fn enqueue(
-    queue: &mut VecDeque<f32>,
+    queue: &mut AgentAudio,
     playing: &mut Option<Playing>,
     reply: ReplyId,
     chunk: talkline_tts::stream::AudioChunk,
     now: f64,
 ) {
-    let p = playing.get_or_insert_with(|| Playing {
-        reply,
-        played: 0,
-        chunks: Vec::new(),
-        queued: 0,
-        first_out_at: now,
-    });
+    let p = playing.get_or_insert_with(|| Playing::new(reply, now));
     if p.reply != reply {
         return; // another reply holds the floor; this one was cancelled meanwhile
     }
@@ -623,7 +666,7 @@ fn enqueue(
         len,
     });
     p.queued += len;
-    queue.extend(chunk.samples);
+    queue.push(&chunk.samples);
 }
 
 /// Where a finished turn is reported: the transport's events and the process's metrics.
@@ -722,6 +765,7 @@ mod tests {
             ],
             queued: 430,
             first_out_at: 0.0,
+            fallback_at: None,
         }
     }
 

@@ -1,14 +1,20 @@
 //! Agent utterances on threads of their own: fixed sentences through the voice, LLM answers
 //! through the agent's guard into the voice, each message tagged with its thread.
+//!
+//! An utterance that cannot be given (the LLM fails or stalls, the voice yields no audio) ends
+//! with the fallback line, synthesized once per process so that it plays even when the voice is
+//! what failed.
 
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
-use talkline_llm::{CancelToken, ChatSession, GenerateParams, Sampling};
-use talkline_tts::stream::{self, StreamConfig};
+use talkline_llm::{CancelToken, ChatSession, GenerateParams, LlmError, Sampling};
+use talkline_tts::stream::{self, AudioChunk, StreamConfig};
+use talkline_tts::{PiperVoice, TtsError};
 use tokio::sync::mpsc;
 
-use super::{lock, Afterwards, ReplyState, Shared};
+use super::{enqueue, lock, Afterwards, AgentAudio, Playing, ReplyState, Shared};
 use crate::agent::{Agent, AgentAction, LlmRequest, ReplyVerdict};
 use crate::turn::ReplyId;
 
@@ -35,8 +41,191 @@ pub(super) enum ReplyMsg {
     Failed {
         reply: ReplyId,
         thread: u64,
-        error: String,
+        failure: Failure,
     },
+}
+
+/// The stage an utterance failed in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Stage {
+    Llm,
+    Tts,
+}
+
+impl Stage {
+    pub(super) fn name(self) -> &'static str {
+        match self {
+            Stage::Llm => "llm",
+            Stage::Tts => "tts",
+        }
+    }
+}
+
+/// Why an utterance could not be given, and what of it was spoken before.
+#[derive(Debug)]
+pub(super) struct Failure {
+    pub(super) stage: Stage,
+    /// A stable name: `connect`, `http_status`, `timeout`, `stream`, `no_audio`, ...
+    pub(super) kind: &'static str,
+    /// For the log: never carries what the caller or the model said.
+    pub(super) detail: String,
+    /// Text released to the voice before the failure, all of it synthesized and forwarded.
+    pub(super) spoken: String,
+}
+
+impl Failure {
+    fn llm(e: &LlmError, spoken: String) -> Self {
+        Failure {
+            stage: Stage::Llm,
+            kind: e.kind(),
+            detail: e.redacted(),
+            spoken,
+        }
+    }
+
+    fn tts(e: &TtsError) -> Self {
+        Failure {
+            stage: Stage::Tts,
+            kind: "synthesis",
+            detail: e.to_string(),
+            spoken: String::new(),
+        }
+    }
+
+    /// The utterance ended without a sample of audio.
+    fn silent(text: &str) -> Self {
+        let (stage, kind, detail) = if text.trim().is_empty() {
+            (Stage::Llm, "empty_reply", "the LLM answered nothing")
+        } else {
+            (Stage::Tts, "no_audio", "the voice yielded no audio")
+        };
+        Failure {
+            stage,
+            kind,
+            detail: detail.into(),
+            spoken: String::new(),
+        }
+    }
+
+    fn thread(what: &str, e: &std::io::Error) -> Self {
+        Failure {
+            stage: Stage::Tts,
+            kind: "thread",
+            detail: format!("cannot start a {what} thread: {e}"),
+            spoken: String::new(),
+        }
+    }
+}
+
+/// How long a closing session waits for its utterance threads; each checks its cancel token at
+/// least every few tens of milliseconds, so only a wedged model run takes longer.
+pub(super) const THREADS_JOIN_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// `[agent] fallback_line`, synthesized once per process at the voice's own rate.
+pub struct FallbackLine {
+    text: String,
+    chunks: Vec<AudioChunk>,
+}
+
+impl FallbackLine {
+    /// Synthesizes `text` now; an empty text is a silent fallback. Fails when the voice cannot
+    /// say it, so a line that could never play is reported at start-up.
+    pub fn synthesize(voice: &Arc<Mutex<PiperVoice>>, text: &str) -> anyhow::Result<Self> {
+        let text = text.trim().to_string();
+        let mut chunks = Vec::new();
+        if !text.is_empty() {
+            let (mut text_in, mut audio_out) =
+                stream::start(voice.clone(), StreamConfig::default())?;
+            text_in.push(&text)?;
+            text_in.finish()?;
+            while let Some(chunk) = audio_out.recv() {
+                chunks.push(chunk?);
+            }
+            anyhow::ensure!(
+                chunks.iter().any(|c| !c.samples.is_empty()),
+                "[agent] fallback_line {text:?} yields no audio from the voice"
+            );
+        }
+        Ok(FallbackLine { text, chunks })
+    }
+
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// The line at a session's output rate. A line that cannot be resampled is left silent
+    /// rather than failing the call.
+    pub(super) fn for_session(&self, rate: u32) -> SessionFallback {
+        let resampled: Result<Vec<AudioChunk>, TtsError> = self
+            .chunks
+            .iter()
+            .filter(|c| !c.samples.is_empty())
+            .map(|c| {
+                let mut c = c.clone();
+                if c.sample_rate != rate {
+                    c.samples = talkline_tts::resample::resample(&c.samples, c.sample_rate, rate)?;
+                    for (_, t) in &mut c.word_ends {
+                        *t = *t * u64::from(rate) / u64::from(c.sample_rate);
+                    }
+                    c.sample_rate = rate;
+                }
+                Ok(c)
+            })
+            .collect();
+        let audio = resampled.unwrap_or_else(|e| {
+            tracing::warn!("the fallback line cannot be resampled to {rate} Hz: {e}");
+            Vec::new()
+        });
+        SessionFallback {
+            line: self.text.clone(),
+            audio,
+        }
+    }
+}
+
+/// The fallback line of one session, at its output rate.
+pub(super) struct SessionFallback {
+    pub(super) line: String,
+    audio: Vec<AudioChunk>,
+}
+
+impl SessionFallback {
+    /// Queues the line after whatever of reply `reply` was already queued. Without audio to play
+    /// the reply still gets an (empty) turn at the floor, so the turn ends the usual way.
+    pub(super) fn play(
+        &self,
+        queue: &mut AgentAudio,
+        playing: &mut Option<Playing>,
+        reply: ReplyId,
+        r: &mut ReplyState,
+        now: f64,
+    ) {
+        // The history keeps what was heard: the words spoken before the failure, then the line.
+        let before = if r.first_audio_at.is_some() {
+            r.generated.trim()
+        } else {
+            ""
+        };
+        r.generated = [before, self.line.as_str()]
+            .iter()
+            .filter(|t| !t.is_empty())
+            .copied()
+            .collect::<Vec<_>>()
+            .join(" ");
+        r.failed = false;
+        let start = match playing {
+            Some(p) if p.reply != reply => return, // another reply holds the floor
+            Some(p) => p.queued,
+            None => 0,
+        };
+        for chunk in &self.audio {
+            enqueue(queue, playing, reply, chunk.clone(), now);
+        }
+        let p = playing.get_or_insert_with(|| Playing::new(reply, now));
+        if !self.audio.is_empty() {
+            p.fallback_at = Some(start);
+        }
+    }
 }
 
 /// Starts what an agent asks for on threads of their own, numbering each so that a reply
@@ -48,6 +237,8 @@ pub(super) struct Launcher {
     pub(super) out_rate: u32,
     pub(super) tx: mpsc::Sender<ReplyMsg>,
     pub(super) threads: u64,
+    /// Every utterance thread not yet seen to end, joined when the session closes.
+    pub(super) handles: Vec<JoinHandle<()>>,
 }
 
 impl Launcher {
@@ -55,7 +246,12 @@ impl Launcher {
         self.threads += 1;
         r.thread = self.threads;
         r.cancel = CancelToken::new();
+        // What an earlier thread of this reply reported no longer stands.
+        r.done = false;
+        r.failed = false;
+        r.generated.clear();
         let (thread, cancel) = (r.thread, r.cancel.clone());
+        self.handles.retain(|h| !h.is_finished());
         let speak = |text: String| {
             spawn_speech(
                 reply,
@@ -67,16 +263,16 @@ impl Launcher {
                 self.tx.clone(),
             )
         };
-        match action {
+        let handle = match action {
             AgentAction::Say(text) => speak(text),
             AgentAction::Transfer { reason, say } => {
                 r.afterwards = Afterwards::Transfer;
                 r.transfer_reason = reason;
-                speak(say);
+                speak(say)
             }
             AgentAction::Hangup { say } => {
                 r.afterwards = Afterwards::HangUp;
-                speak(say);
+                speak(say)
             }
             AgentAction::AskLlm(request) => {
                 let checks = lock(&self.agent).checks_replies();
@@ -93,10 +289,53 @@ impl Launcher {
                     self.out_rate,
                     cancel.clone(),
                     self.tx.clone(),
-                );
+                )
+            }
+        };
+        self.handles.extend(handle);
+    }
+
+    /// Waits up to `within` for every utterance thread to end (their replies must have been
+    /// cancelled and the reply queue closed, or they may wait on it); says how many did not.
+    pub(super) async fn join(&mut self, within: Duration) -> usize {
+        let deadline = tokio::time::Instant::now() + within;
+        while self.handles.iter().any(|h| !h.is_finished())
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let (done, left): (Vec<_>, Vec<_>) =
+            self.handles.drain(..).partition(JoinHandle::is_finished);
+        for h in done {
+            if h.join().is_err() {
+                tracing::error!("an utterance thread panicked");
             }
         }
+        if !left.is_empty() {
+            tracing::warn!(
+                threads = left.len(),
+                "utterance threads outlived their session"
+            );
+        }
+        left.len()
     }
+}
+
+/// Tells the control loop a thread could not be started, so the reply does not wait forever.
+fn report_spawn_error(
+    tx: &mpsc::Sender<ReplyMsg>,
+    reply: ReplyId,
+    thread: u64,
+    what: &str,
+    e: &std::io::Error,
+) {
+    tracing::error!("cannot start a {what} thread: {e}");
+    let failure = Failure::thread(what, e);
+    let _ = tx.try_send(ReplyMsg::Failed {
+        reply,
+        thread,
+        failure,
+    });
 }
 
 /// Speaks a fixed text (a greeting, an agent's sentence): the TTS stream alone, no LLM.
@@ -108,25 +347,31 @@ fn spawn_speech(
     out_rate: u32,
     cancel: CancelToken,
     tx: mpsc::Sender<ReplyMsg>,
-) {
+) -> Option<JoinHandle<()>> {
     let span = tracing::info_span!("speech", reply);
+    let thread_tx = tx.clone();
     let spawned = std::thread::Builder::new()
         .name(format!("speech-{reply}"))
         .spawn(move || {
             let _speech = span.enter();
-            let result = (|| -> anyhow::Result<()> {
+            let result = (|| -> Result<u64, TtsError> {
                 let config = StreamConfig {
                     output_rate: Some(out_rate),
+                    chunker: shared.chunker,
                     ..StreamConfig::default()
                 };
                 let (mut text_in, mut audio_out) = stream::start(shared.voice.clone(), config)?;
                 text_in.push(&text)?;
                 text_in.finish()?;
-                forward_audio(&mut audio_out, reply, thread, &cancel, &tx);
-                Ok(())
+                Ok(forward_audio(&mut audio_out, reply, thread, &cancel, &tx))
             })();
             let msg = match result {
-                Ok(()) => ReplyMsg::Done {
+                Ok(0) if !cancel.is_cancelled() => ReplyMsg::Failed {
+                    reply,
+                    thread,
+                    failure: Failure::silent(&text),
+                },
+                Ok(_) => ReplyMsg::Done {
                     reply,
                     thread,
                     text,
@@ -134,13 +379,17 @@ fn spawn_speech(
                 Err(e) => ReplyMsg::Failed {
                     reply,
                     thread,
-                    error: format!("{e:#}"),
+                    failure: Failure::tts(&e),
                 },
             };
             let _ = tx.blocking_send(msg);
         });
-    if let Err(e) = spawned {
-        tracing::error!("cannot start a speech thread: {e}");
+    match spawned {
+        Ok(h) => Some(h),
+        Err(e) => {
+            report_spawn_error(&thread_tx, reply, thread, "speech", &e);
+            None
+        }
     }
 }
 
@@ -221,19 +470,22 @@ fn spawn_reply(
     out_rate: u32,
     cancel: CancelToken,
     tx: mpsc::Sender<ReplyMsg>,
-) {
+) -> Option<JoinHandle<()>> {
     let (reply, thread) = (job.reply, job.thread);
     let span = tracing::info_span!("reply", reply);
+    let thread_tx = tx.clone();
     let spawned = std::thread::Builder::new()
         .name(format!("reply-{reply}"))
         .spawn(move || {
             let _reply = span.enter();
-            let result = (|| -> anyhow::Result<String> {
+            let result = (|| -> Result<(String, u64), Failure> {
                 let config = StreamConfig {
                     output_rate: Some(out_rate),
+                    chunker: shared.chunker,
                     ..StreamConfig::default()
                 };
-                let (mut text_in, mut audio_out) = stream::start(shared.voice.clone(), config)?;
+                let (mut text_in, mut audio_out) =
+                    stream::start(shared.voice.clone(), config).map_err(|e| Failure::tts(&e))?;
                 let audio_tx = tx.clone();
                 let audio_cancel = cancel.clone();
                 let tts_span = tracing::info_span!("tts");
@@ -241,15 +493,17 @@ fn spawn_reply(
                     .name(format!("reply-{reply}-audio"))
                     .spawn(move || {
                         let _tts = tts_span.enter();
-                        forward_audio(&mut audio_out, reply, thread, &audio_cancel, &audio_tx);
-                    })?;
+                        forward_audio(&mut audio_out, reply, thread, &audio_cancel, &audio_tx)
+                    })
+                    .map_err(|e| Failure::thread("reply audio", &e))?;
                 let params = GenerateParams {
                     max_tokens: job.request.max_tokens.min(shared.max_tokens),
                     sampling: Sampling::Greedy,
                 };
                 // The LLM stops on its own token when the guard replaces the answer; the voice
-                // goes on to speak the safe line.
-                let llm_cancel = CancelToken::new();
+                // goes on to speak the safe line. A cancelled reply stops it too, even while it
+                // waits on the network between tokens.
+                let llm_cancel = cancel.child();
                 let mut text = GuardedText {
                     agent: job.checks.then_some(&*agent),
                     spoken: String::new(),
@@ -257,79 +511,105 @@ fn spawn_reply(
                     replaced: false,
                 };
                 let mut first = true;
-                let _llm = tracing::info_span!("llm").entered();
-                let mut chat = chat
-                    .lock()
-                    .map_err(|_| anyhow::anyhow!("the chat session is poisoned"))?;
-                chat.reply(&job.request.messages, &params, &llm_cancel, &mut |piece| {
-                    if first {
-                        first = false;
-                        let _ = tx.blocking_send(ReplyMsg::FirstToken {
-                            reply,
-                            thread,
-                            at: Instant::now(),
-                        });
-                    }
-                    if cancel.is_cancelled() {
-                        llm_cancel.cancel();
-                        return;
-                    }
-                    if let Some(speak) = text.push(piece) {
-                        if text_in.push(&speak).is_err() {
+                let llm_span = tracing::info_span!("llm").entered();
+                let mut chat = chat.lock().map_err(|_| Failure {
+                    stage: Stage::Llm,
+                    kind: "poisoned",
+                    detail: "the chat session is poisoned by an earlier panic".into(),
+                    spoken: String::new(),
+                })?;
+                let replied =
+                    chat.reply(&job.request.messages, &params, &llm_cancel, &mut |piece| {
+                        if first {
+                            first = false;
+                            let _ = tx.blocking_send(ReplyMsg::FirstToken {
+                                reply,
+                                thread,
+                                at: Instant::now(),
+                            });
+                        }
+                        if cancel.is_cancelled() {
+                            llm_cancel.cancel();
+                            return;
+                        }
+                        if let Some(speak) = text.push(piece) {
+                            if text_in.push(&speak).is_err() {
+                                llm_cancel.cancel();
+                            }
+                        }
+                        if text.replaced {
                             llm_cancel.cancel();
                         }
-                    }
-                    if text.replaced {
-                        llm_cancel.cancel();
-                    }
-                })?;
+                    });
                 drop(chat);
-                drop(_llm);
-                if !cancel.is_cancelled() {
-                    if let Some(speak) = text.finish() {
-                        let _ = text_in.push(&speak);
+                drop(llm_span);
+                let llm_error = replied.err();
+                if cancel.is_cancelled() {
+                    drop(text_in);
+                } else {
+                    // After a failure only what the voice already has is said (the guard has not
+                    // seen the rest); the fallback line then follows it.
+                    if llm_error.is_none() {
+                        if let Some(speak) = text.finish() {
+                            let _ = text_in.push(&speak);
+                        }
                     }
                     let _ = text_in.finish();
-                } else {
-                    drop(text_in);
                 }
-                let _ = collector.join();
-                Ok(text.spoken)
+                let samples = collector.join().unwrap_or(0);
+                match llm_error {
+                    Some(e) => Err(Failure::llm(&e, text.spoken)),
+                    None => Ok((text.spoken, samples)),
+                }
             })();
             let msg = match result {
-                Ok(text) => ReplyMsg::Done {
+                Ok((text, 0)) if !cancel.is_cancelled() => ReplyMsg::Failed {
+                    reply,
+                    thread,
+                    failure: Failure::silent(&text),
+                },
+                Ok((text, _)) => ReplyMsg::Done {
                     reply,
                     thread,
                     text,
                 },
-                Err(e) => ReplyMsg::Failed {
+                Err(failure) => ReplyMsg::Failed {
                     reply,
                     thread,
-                    error: format!("{e:#}"),
+                    failure,
                 },
             };
             let _ = tx.blocking_send(msg);
         });
-    if let Err(e) = spawned {
-        tracing::error!("cannot start a reply thread: {e}");
+    match spawned {
+        Ok(h) => Some(h),
+        Err(e) => {
+            report_spawn_error(&thread_tx, reply, thread, "reply", &e);
+            None
+        }
     }
 }
 
 /// Hands each synthesized chunk to the control loop until the voice is done, the reply is
-/// cancelled (dropping `audio_out` then stops synthesis) or the session is gone.
+/// cancelled (dropping `audio_out` then stops synthesis) or the session is gone. Returns the
+/// samples handed over. A chunk without samples (text the voice cannot say) is not handed over:
+/// its words were never heard.
 fn forward_audio(
     audio_out: &mut stream::AudioOutput,
     reply: ReplyId,
     thread: u64,
     cancel: &CancelToken,
     tx: &mpsc::Sender<ReplyMsg>,
-) {
+) -> u64 {
+    let mut samples = 0u64;
     while let Some(chunk) = audio_out.recv() {
         if cancel.is_cancelled() {
             break;
         }
         match chunk {
+            Ok(chunk) if chunk.samples.is_empty() => {}
             Ok(chunk) => {
+                let n = chunk.samples.len() as u64;
                 let msg = ReplyMsg::Audio {
                     reply,
                     thread,
@@ -338,8 +618,69 @@ fn forward_audio(
                 if tx.blocking_send(msg).is_err() {
                     break;
                 }
+                samples += n;
             }
             Err(e) => tracing::warn!("a chunk failed to synthesize: {e}"),
         }
+    }
+    samples
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(text: &str, samples: usize) -> AudioChunk {
+        AudioChunk {
+            index: 0,
+            text: text.into(),
+            samples: vec![0.1; samples],
+            sample_rate: 16_000,
+            skipped: Vec::new(),
+            word_ends: vec![(text.len(), samples as u64)],
+            timed_by_model: false,
+        }
+    }
+
+    fn line(text: &str, samples: usize) -> SessionFallback {
+        SessionFallback {
+            line: text.into(),
+            audio: if samples > 0 {
+                vec![chunk(text, samples)]
+            } else {
+                Vec::new()
+            },
+        }
+    }
+
+    #[test]
+    fn the_fallback_line_follows_the_words_already_queued_and_the_history_keeps_both() {
+        let (mut queue, mut playing) = (AgentAudio::new(16_000), None);
+        let mut r = ReplyState::new("question".into(), 0.0);
+        enqueue(&mut queue, &mut playing, 1, chunk("One moment.", 200), 0.0);
+        r.first_audio_at = Some(0.0);
+        r.generated = "One moment. ".into();
+        line("Sorry.", 300).play(&mut queue, &mut playing, 1, &mut r, 0.0);
+        assert_eq!(r.generated, "One moment. Sorry.");
+        let p = playing.expect("the reply holds the floor");
+        assert_eq!(
+            (p.fallback_at, p.queued, queue.len()),
+            (Some(200), 500, 500)
+        );
+    }
+
+    #[test]
+    fn words_never_voiced_are_not_kept_and_a_silent_line_still_ends_the_turn() {
+        let (mut queue, mut playing) = (AgentAudio::new(16_000), None);
+        let mut r = ReplyState::new("question".into(), 0.0);
+        r.generated = "\u{1F642}".into();
+        line("Sorry.", 300).play(&mut queue, &mut playing, 1, &mut r, 0.0);
+        assert_eq!(r.generated, "Sorry.");
+        assert_eq!(playing.as_ref().and_then(|p| p.fallback_at), Some(0));
+
+        let (mut queue, mut playing) = (AgentAudio::new(16_000), None);
+        line("", 0).play(&mut queue, &mut playing, 2, &mut r, 0.0);
+        let p = playing.expect("an empty turn at the floor, so the reply finishes");
+        assert_eq!((p.reply, p.queued, p.fallback_at), (2, 0, None));
     }
 }
