@@ -142,19 +142,46 @@ pub fn resample_to_16k(samples: &[f32], input_rate: u32) -> Result<Vec<f32>> {
     Ok(out)
 }
 
-/// Reads a WAV file (any rate, 8/16/24/32-bit integer or 32-bit float, any channel count) into
+/// Sample rates a WAV file may have: telephony's 8 kHz down to 4 kHz, studio 768 kHz up.
+const WAV_RATES: std::ops::RangeInclusive<u32> = 4_000..=768_000;
+
+/// Reads a WAV file (4-768 kHz, 8/16/24/32-bit integer or 32-bit float, any channel count) into
 /// 16 kHz mono f32, with non-finite samples silenced.
 pub fn read_wav_16k(path: &Path) -> Result<Vec<f32>> {
+    let reader = hound::WavReader::open(path).map_err(|e| AsrError::BadAudioFile {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    wav_to_16k(reader, path)
+}
+
+/// [`read_wav_16k`] of a WAV file's bytes; `name` only names it in errors. The fuzz target
+/// `wav` drives the decoding through here without a file system.
+pub fn decode_wav_16k(bytes: &[u8], name: &Path) -> Result<Vec<f32>> {
+    let reader =
+        hound::WavReader::new(std::io::Cursor::new(bytes)).map_err(|e| AsrError::BadAudioFile {
+            path: name.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    wav_to_16k(reader, name)
+}
+
+fn wav_to_16k<R: std::io::Read>(reader: hound::WavReader<R>, path: &Path) -> Result<Vec<f32>> {
     let bad = |reason: String| AsrError::BadAudioFile {
         path: path.to_path_buf(),
         reason,
     };
-    let reader = hound::WavReader::open(path).map_err(|e| bad(e.to_string()))?;
     let spec = reader.spec();
-    if spec.channels == 0 || spec.sample_rate == 0 {
+    // The resampler's FFT grows with the rate's ratio to 16 kHz, and its output with the inverse
+    // of the rate: a header claiming 1 Hz or 4 GHz would exhaust memory, so such files are
+    // refused rather than trusted.
+    if spec.channels == 0 || !WAV_RATES.contains(&spec.sample_rate) {
         return Err(bad(format!(
-            "{} channel(s) at {} Hz",
-            spec.channels, spec.sample_rate
+            "{} channel(s) at {} Hz (rates of {}-{} Hz are read)",
+            spec.channels,
+            spec.sample_rate,
+            WAV_RATES.start(),
+            WAV_RATES.end()
         )));
     }
     let interleaved: Vec<f32> = match spec.sample_format {
@@ -187,6 +214,31 @@ mod tests {
         let mut s = [f32::NAN, 2.0, -f32::INFINITY, 0.5, -3.0];
         assert_eq!(sanitize(&mut s), 2);
         assert_eq!(s, [0.0, 1.0, 0.0, 0.5, -1.0]);
+    }
+
+    #[test]
+    fn wav_headers_with_absurd_rates_are_refused_not_resampled() {
+        let wav = |rate: u32| {
+            let mut bytes = std::io::Cursor::new(Vec::new());
+            let spec = hound::WavSpec {
+                channels: 1,
+                sample_rate: rate,
+                bits_per_sample: 16,
+                sample_format: hound::SampleFormat::Int,
+            };
+            let mut writer = hound::WavWriter::new(&mut bytes, spec).unwrap();
+            for i in 0..64 {
+                writer.write_sample((i * 300) as i16).unwrap();
+            }
+            writer.finalize().unwrap();
+            bytes.into_inner()
+        };
+        let name = Path::new("x.wav");
+        for rate in [1, 3_999, 768_001, 2_000_000_000] {
+            assert!(decode_wav_16k(&wav(rate), name).is_err(), "{rate} Hz");
+        }
+        assert_eq!(decode_wav_16k(&wav(16_000), name).unwrap().len(), 64);
+        assert_eq!(decode_wav_16k(&wav(8_000), name).unwrap().len(), 128);
     }
 
     #[test]

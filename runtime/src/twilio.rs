@@ -7,7 +7,7 @@ use std::sync::Arc;
 use axum::extract::ws::{Message as WsMessage, WebSocket};
 use base64::Engine as _;
 use futures_util::{SinkExt, StreamExt};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use talkline_asr::audio::To16k;
 use tokio::sync::mpsc;
@@ -20,9 +20,12 @@ pub const RATE: u32 = 8_000;
 /// Audio waiting for the session, in messages. Policy when full: drop the newest and count it.
 const INPUT_QUEUE: usize = 100;
 
-#[derive(Deserialize)]
+/// A message from the provider. Public (hidden) only for the fuzz target `twilio`, which checks
+/// that what parses serializes back to the same message.
+#[doc(hidden)]
+#[derive(Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(tag = "event", rename_all = "lowercase")]
-enum Inbound {
+pub enum Inbound {
     Connected,
     Start { start: StartInfo },
     Media { media: Media },
@@ -31,29 +34,33 @@ enum Inbound {
     Stop,
 }
 
-#[derive(Deserialize)]
-struct KeyPress {
-    digit: String,
+#[doc(hidden)]
+#[derive(Debug, PartialEq, Eq, Deserialize, Serialize)]
+pub struct KeyPress {
+    pub digit: String,
 }
 
-#[derive(Deserialize)]
+#[doc(hidden)]
+#[derive(Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
-struct StartInfo {
-    stream_sid: String,
+pub struct StartInfo {
+    pub stream_sid: String,
     #[serde(default)]
-    media_format: Option<MediaFormat>,
+    pub media_format: Option<MediaFormat>,
 }
 
-#[derive(Deserialize)]
+#[doc(hidden)]
+#[derive(Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase")]
-struct MediaFormat {
-    encoding: String,
-    sample_rate: u32,
+pub struct MediaFormat {
+    pub encoding: String,
+    pub sample_rate: u32,
 }
 
-#[derive(Deserialize)]
-struct Media {
-    payload: String,
+#[doc(hidden)]
+#[derive(Debug, PartialEq, Eq, Deserialize, Serialize)]
+pub struct Media {
+    pub payload: String,
 }
 
 // G.711 μ-law by hand: 20 lines of a fixed standard (ITU-T G.711) are simpler than a dependency.
@@ -82,6 +89,22 @@ pub fn mulaw_encode(sample: i16) -> u8 {
     !(sign | (exponent << 4) as u8 | mantissa as u8)
 }
 
+/// The one parser of provider text messages.
+#[doc(hidden)]
+pub fn parse_inbound(text: &str) -> Result<Inbound, serde_json::Error> {
+    serde_json::from_str(text)
+}
+
+/// A `media` payload (base64 μ-law) as samples at [`RATE`].
+#[doc(hidden)]
+pub fn decode_media_payload(payload: &str) -> Result<Vec<f32>, base64::DecodeError> {
+    let bytes = base64::engine::general_purpose::STANDARD.decode(payload.as_bytes())?;
+    Ok(bytes
+        .iter()
+        .map(|&b| mulaw_decode(b) as f32 / 32768.0)
+        .collect())
+}
+
 fn text(value: serde_json::Value) -> WsMessage {
     WsMessage::Text(value.to_string().into())
 }
@@ -97,7 +120,7 @@ pub async fn handle_socket(
             return Ok(());
         };
         match msg? {
-            WsMessage::Text(t) => match serde_json::from_str::<Inbound>(&t) {
+            WsMessage::Text(t) => match parse_inbound(&t) {
                 Ok(Inbound::Start { start }) => {
                     if let Some(f) = &start.media_format {
                         anyhow::ensure!(
@@ -159,7 +182,6 @@ pub async fn handle_socket(
         let _ = sink.close().await;
     });
 
-    let b64 = base64::engine::general_purpose::STANDARD;
     let mut resampler = To16k::new(RATE)?;
     let mut dropped = 0u64;
     while let Some(msg) = stream.next().await {
@@ -169,13 +191,9 @@ pub async fn handle_socket(
             WsMessage::Close(_) => break,
             _ => continue,
         };
-        match serde_json::from_str::<Inbound>(&t) {
-            Ok(Inbound::Media { media }) => match b64.decode(media.payload.as_bytes()) {
-                Ok(bytes) => {
-                    let samples: Vec<f32> = bytes
-                        .iter()
-                        .map(|&b| mulaw_decode(b) as f32 / 32768.0)
-                        .collect();
+        match parse_inbound(&t) {
+            Ok(Inbound::Media { media }) => match decode_media_payload(&media.payload) {
+                Ok(samples) => {
                     let audio = resampler.push(&samples);
                     if !audio.is_empty() && input_tx.try_send(audio).is_err() {
                         dropped += 1;

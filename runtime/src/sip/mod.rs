@@ -13,6 +13,8 @@ pub mod media;
 pub mod message;
 pub mod rtp;
 pub mod sdp;
+#[cfg(test)]
+mod torture;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
