@@ -450,7 +450,7 @@ fn malformed_requests_get_400_with_a_reason_and_the_server_keeps_serving() {
         ),
     ] {
         let (status, text) = rt.block_on(raw_exchange(&server.addr, &head, &body));
-        assert_eq!(status, 400, "{text}");
+        assert_eq!(status, 413, "{text}");
         let v: Value = serde_json::from_str(&text).expect("an error JSON");
         let message = v["error"]["message"].as_str().unwrap_or_default();
         assert!(message.contains("larger than 1048576 bytes"), "{message:?}");

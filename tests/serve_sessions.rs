@@ -2,6 +2,8 @@
 
 use std::time::{Duration, Instant};
 
+use std::net::IpAddr;
+
 use futures_util::{SinkExt, StreamExt};
 use talkline_tests::{espeak_16k, pcm16, start_server, wer};
 use tokio_tungstenite::tungstenite::Message;
@@ -114,4 +116,133 @@ fn four_concurrent_callers_each_hear_their_own_transcript_and_nothing_outlives_t
         "{} threads now, {idle_threads} before the calls",
         threads_of(pid)
     );
+}
+
+/// A WebSocket upgrade of `path` from the local address `from` (any of 127/8 reaches the
+/// server on Linux): the socket when upgraded, else the refusal's status and `Retry-After`.
+async fn upgrade_from(
+    from: &str,
+    addr: &str,
+    path: &str,
+) -> Result<tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>, (u16, Option<String>)> {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind(format!("{from}:0").parse().unwrap())
+        .expect("binding a loopback address");
+    let tcp = socket.connect(addr.parse().unwrap()).await.unwrap();
+    match tokio_tungstenite::client_async(format!("ws://{addr}{path}"), tcp).await {
+        Ok((ws, _)) => Ok(ws),
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => Err((
+            response.status().as_u16(),
+            response
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+        )),
+        Err(e) => panic!("upgrading {path}: {e}"),
+    }
+}
+
+/// `POST /webrtc/offer` from the local address `from`: the status and `Retry-After`.
+async fn offer_from(from: &str, addr: &str, sdp: &str) -> (u16, Option<String>) {
+    let client = reqwest::Client::builder()
+        .local_address(from.parse::<IpAddr>().unwrap())
+        .build()
+        .unwrap();
+    let response = client
+        .post(format!("http://{addr}/webrtc/offer"))
+        .body(sdp.to_string())
+        .send()
+        .await
+        .unwrap();
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    (response.status().as_u16(), retry_after)
+}
+
+#[test]
+fn one_address_opening_calls_quickly_gets_429_and_other_addresses_do_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("talkline.toml");
+    std::fs::write(
+        &config,
+        "[limits]\nconnections_per_minute_per_ip = 3\noffers_per_minute_per_ip = 2\n",
+    )
+    .unwrap();
+    // Slots to spare, so only the rate limits refuse anything.
+    let server = start_server(&["--config", config.to_str().unwrap(), "--max-sessions", "16"]);
+    let addr = server.addr.clone();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        // /ws and /twilio share one budget: three connections, then 429 before any upgrade.
+        let mut open = Vec::new();
+        for path in ["/ws", "/twilio", "/ws"] {
+            open.push(
+                upgrade_from("127.0.0.1", &addr, path)
+                    .await
+                    .expect("admitted"),
+            );
+        }
+        for path in ["/ws", "/twilio"] {
+            let (status, retry_after) = upgrade_from("127.0.0.1", &addr, path)
+                .await
+                .expect_err("refused");
+            assert_eq!(status, 429, "{path}");
+            let seconds: u64 = retry_after.expect("Retry-After").parse().unwrap();
+            assert!((1..=20).contains(&seconds), "Retry-After {seconds}");
+        }
+        // Another address has a budget of its own.
+        open.push(
+            upgrade_from("127.0.0.2", &addr, "/ws")
+                .await
+                .expect("127.0.0.2 is not limited by 127.0.0.1"),
+        );
+        for ws in &mut open {
+            let _ = ws.close(None).await;
+        }
+
+        // Offers: two per minute. A bad offer still spends the budget (it was processed).
+        for _ in 0..2 {
+            assert_eq!(offer_from("127.0.0.1", &addr, "v=0\r\n").await.0, 400);
+        }
+        let (status, retry_after) = offer_from("127.0.0.1", &addr, "v=0\r\n").await;
+        assert_eq!(status, 429);
+        let seconds: u64 = retry_after.expect("Retry-After").parse().unwrap();
+        assert!((1..=30).contains(&seconds), "Retry-After {seconds}");
+        assert_eq!(offer_from("127.0.0.2", &addr, "v=0\r\n").await.0, 400);
+    });
+    assert_eq!(
+        metric(&addr, "talkline_rate_limited_total{kind=\"connection\"}"),
+        2.0
+    );
+    assert_eq!(
+        metric(&addr, "talkline_rate_limited_total{kind=\"offer\"}"),
+        1.0
+    );
+}
+
+#[test]
+fn a_full_server_refuses_every_transport_with_503_and_retry_after_before_upgrading() {
+    let server = start_server(&["--max-sessions", "0"]);
+    let addr = server.addr.clone();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        for path in ["/ws", "/twilio"] {
+            let (status, retry_after) = upgrade_from("127.0.0.1", &addr, path)
+                .await
+                .expect_err("refused");
+            assert_eq!(status, 503, "{path}");
+            assert!(retry_after.is_some_and(|s| s.parse::<u64>().is_ok_and(|s| s >= 1)));
+        }
+        // The offer is refused before it is even parsed.
+        let (status, retry_after) = offer_from("127.0.0.1", &addr, "v=0\r\n").await;
+        assert_eq!(status, 503);
+        assert!(retry_after.is_some_and(|s| s.parse::<u64>().is_ok_and(|s| s >= 1)));
+    });
+    assert_eq!(metric(&addr, "talkline_sessions_rejected_total"), 3.0);
+    assert_eq!(metric(&addr, "talkline_sessions_active"), 0.0);
 }

@@ -277,6 +277,10 @@ fn malformed_offers_get_400_with_a_reason_and_the_server_lives_on() {
             assert_eq!(status, 400, "{offer:?} -> {status} {body}");
             assert!(body.contains(reason) && body.trim().len() > 10, "{body:?}");
         }
+        // An offer over the size limit (64 KiB) is refused unread.
+        let huge = format!("v=0\r\n{}", "a=x-padding:0123456789abcdef\r\n".repeat(4096));
+        let response = http.post(&url).body(huge).send().await.unwrap();
+        assert_eq!(response.status().as_u16(), 413);
         assert_eq!(active_sessions(&server.addr).await, 0, "refused offers hold no slot");
         let health = reqwest::get(format!("http://{}/healthz", server.addr))
             .await

@@ -134,6 +134,16 @@ fn bad_hello_is_an_error_and_a_full_server_answers_503() {
         .unwrap();
         let reply = ws.next().await.unwrap().unwrap();
         assert!(reply.to_text().unwrap().contains("outside"), "{reply:?}");
+        // Its slot is released when the server's handler returns, just after that reply.
+        drop(ws);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !http_get(&server.addr, "/metrics")
+            .await
+            .contains("talkline_sessions_active 0")
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
 
         // One session holds the only slot; the next caller is refused with 503.
         let (mut first, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
@@ -156,6 +166,84 @@ fn bad_hello_is_an_error_and_a_full_server_answers_503() {
             .send(Message::Text(r#"{"type":"bye"}"#.into()))
             .await
             .unwrap();
+    });
+}
+
+/// Reads until the server's close frame: its code and reason.
+async fn close_frame<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>) -> Option<(u16, String)>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    while let Ok(Some(msg)) = tokio::time::timeout(Duration::from_secs(20), ws.next()).await {
+        match msg {
+            Ok(Message::Close(frame)) => {
+                return frame.map(|f| (u16::from(f.code), f.reason.to_string()))
+            }
+            Ok(_) => {}
+            Err(e) => panic!("no close frame: {e}"),
+        }
+    }
+    None
+}
+
+#[test]
+fn an_oversize_message_closes_the_call_with_1009_and_others_go_on() {
+    let server = start_server(&[]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let url = format!("ws://{}/ws", server.addr);
+        let too_big = vec![0u8; 300 * 1024];
+        // Before the hello, and in the middle of a call.
+        let (mut early, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+        early
+            .send(Message::Binary(too_big.clone().into()))
+            .await
+            .unwrap();
+        let (code, reason) = close_frame(&mut early).await.expect("a close frame");
+        assert_eq!(code, 1009, "{reason}");
+        assert!(
+            reason.contains("too big") && reason.contains("262144"),
+            "{reason}"
+        );
+
+        let (mut call, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+        call.send(Message::Text(
+            r#"{"type":"hello","sample_rate":16000}"#.into(),
+        ))
+        .await
+        .unwrap();
+        let ready = call.next().await.unwrap().unwrap();
+        assert!(ready.to_text().unwrap().contains("ready"));
+        call.send(Message::Binary(pcm16(&[0.0; 320]).into()))
+            .await
+            .unwrap();
+        call.send(Message::Binary(too_big.into())).await.unwrap();
+        let (code, reason) = close_frame(&mut call).await.expect("a close frame");
+        assert_eq!(code, 1009, "{reason}");
+
+        // The Twilio transport has the same limit.
+        let (mut twilio, _) =
+            tokio_tungstenite::connect_async(format!("ws://{}/twilio", server.addr))
+                .await
+                .unwrap();
+        let oversize_text = format!(r#"{{"event":"media","pad":"{}"}}"#, "x".repeat(300 * 1024));
+        twilio
+            .send(Message::Text(oversize_text.into()))
+            .await
+            .unwrap();
+        let (code, reason) = close_frame(&mut twilio).await.expect("a close frame");
+        assert_eq!(code, 1009, "{reason}");
+
+        // The server goes on with the next caller.
+        let (mut next, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+        next.send(Message::Text(
+            r#"{"type":"hello","sample_rate":16000}"#.into(),
+        ))
+        .await
+        .unwrap();
+        let ready = next.next().await.unwrap().unwrap();
+        assert!(ready.to_text().unwrap().contains("ready"));
+        let _ = next.send(Message::Text(r#"{"type":"bye"}"#.into())).await;
     });
 }
 

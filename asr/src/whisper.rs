@@ -176,6 +176,9 @@ unsafe extern "C" fn whisper_log(
             tracing::warn!(target: "whisper_rs", "{text}")
         }
         whisper_rs::GGMLLogLevel::Info => tracing::info!(target: "whisper_rs", "{text}"),
+        // The decoder's per-token trace quotes every token it decodes: what the caller said,
+        // which may be a patient's data. Logs never hold that, at any level.
+        _ if text.starts_with("whisper_full_with_state") => {}
         _ if !text.is_empty() => tracing::debug!(target: "whisper_rs", "{text}"),
         _ => {}
     }

@@ -34,7 +34,8 @@ pub enum Command {
     /// user and agent, per-turn latencies, and turn events.
     Converse(crate::converse::ConverseArgs),
     /// Serve live conversations: WebSocket `/ws`, `/healthz`, `/metrics`.
-    Serve(crate::serve::ServeArgs),
+    // Boxed: the serve flags (SIP, TLS) outweigh every other command's.
+    Serve(Box<crate::serve::ServeArgs>),
     /// Call a phone over SIP (`sip:user@host:port`) and hold the conversation: the assistant
     /// calls a patient. Hangs up when the session ends.
     Call(crate::sip::CallArgs),
@@ -126,7 +127,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Serve(args) => {
-            crate::serve::run(args, cli.config.as_deref())?;
+            crate::serve::run(*args, cli.config.as_deref())?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Call(args) => {
@@ -290,6 +291,14 @@ fn config_check(path: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     }
     if config.agent.kind == crate::config::AgentKind::LabResults {
         problems += check_patients(&config.agent.lab_results.patients);
+    }
+    match crate::tls::configured(config.tls.cert.as_deref(), config.tls.key.as_deref()) {
+        Ok(Some(_)) => println!("ok       {:<17} HTTPS and WSS", "TLS"),
+        Ok(None) => {}
+        Err(e) => {
+            problems += 1;
+            println!("PROBLEM  {:<17} {e:#}", "TLS");
+        }
     }
     if problems == 0 {
         println!("config ok: every model is present");

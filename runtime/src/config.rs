@@ -25,6 +25,42 @@ pub struct Config {
     pub audio: AudioConfig,
     pub turn: crate::turn::TurnConfig,
     pub openai: OpenAiEndpointConfig,
+    pub tls: TlsConfig,
+    pub limits: LimitsConfig,
+}
+
+/// `[tls]`: serve HTTPS and WSS on `talkline serve --listen` instead of plain HTTP and WS.
+/// Both files or neither; `--tls-cert`/`--tls-key` override them.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate chain, the server's certificate first (a `fullchain.pem`).
+    pub cert: Option<PathBuf>,
+    /// PEM private key of that certificate (PKCS#8, PKCS#1 or SEC1), unencrypted.
+    pub key: Option<PathBuf>,
+}
+
+/// `[limits]`: per-client-IP admission limits of `talkline serve` (see [`crate::limits`]).
+/// The address is the TCP peer's: `X-Forwarded-For` is never trusted, so behind a reverse
+/// proxy every caller shares the proxy's budget (raise these, or limit at the proxy).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// New `/ws` and `/twilio` connections one address may open per minute, in a burst of up to
+    /// this many; more get 429 with `Retry-After` before the upgrade. 0: no limit.
+    pub connections_per_minute_per_ip: u32,
+    /// `POST /webrtc/offer` per address per minute, likewise; more get 429 with `Retry-After`
+    /// before the offer is read. 0: no limit.
+    pub offers_per_minute_per_ip: u32,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            connections_per_minute_per_ip: crate::limits::DEFAULT_CONNECTIONS_PER_MINUTE_PER_IP,
+            offers_per_minute_per_ip: crate::limits::DEFAULT_OFFERS_PER_MINUTE_PER_IP,
+        }
+    }
 }
 
 /// `[openai]`: `talkline serve`'s OpenAI-compatible endpoint over the local model

@@ -38,6 +38,16 @@ pub enum Transport {
     local,
 }
 
+/// What a per-address rate limit refused (see [`crate::limits`]).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Admission {
+    /// A `/ws` or `/twilio` connection.
+    connection,
+    /// A `POST /webrtc/offer`.
+    offer,
+}
+
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
 #[allow(non_camel_case_types)]
 pub enum Speculation {
@@ -57,6 +67,11 @@ struct TransportLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AdmissionLabels {
+    kind: Admission,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TurnLabels {
     speculative: Speculation,
     interrupted: bool,
@@ -69,10 +84,12 @@ pub struct Metrics {
     sessions_active: Gauge,
     sessions: Family<TransportLabels, Counter>,
     sessions_rejected: Counter,
+    rate_limited: Family<AdmissionLabels, Counter>,
     stage_latency: Histograms,
     turns: Family<TurnLabels, Counter>,
     reply_failures: Counter,
     audio_frames_dropped: Counter,
+    sip_requests_throttled: Counter,
 }
 
 /// The latencies of one turn, in seconds from the end of the user's speech.
@@ -96,11 +113,13 @@ impl Metrics {
         let sessions_active = Gauge::default();
         let sessions = Family::default();
         let sessions_rejected = Counter::default();
+        let rate_limited = Family::default();
         let stage_latency: Histograms =
             Family::new_with_constructor(|| Histogram::new(LATENCY_BUCKETS.iter().copied()));
         let turns = Family::default();
         let reply_failures = Counter::default();
         let audio_frames_dropped = Counter::default();
+        let sip_requests_throttled = Counter::default();
         registry.register(
             "sessions_active",
             "Sessions in progress, all transports",
@@ -115,6 +134,11 @@ impl Metrics {
             "sessions_rejected",
             "Sessions refused because the server was full",
             sessions_rejected.clone(),
+        );
+        registry.register(
+            "rate_limited",
+            "Connections and offers refused with 429 by the per-address rate limits",
+            rate_limited.clone(),
         );
         registry.register_with_unit(
             "stage_latency",
@@ -137,15 +161,22 @@ impl Metrics {
             "Agent audio frames dropped because a transport read too slowly",
             audio_frames_dropped.clone(),
         );
+        registry.register(
+            "sip_requests_throttled",
+            "SIP requests dropped unanswered because their source exceeded its rate",
+            sip_requests_throttled.clone(),
+        );
         Self {
             registry,
             sessions_active,
             sessions,
             sessions_rejected,
+            rate_limited,
             stage_latency,
             turns,
             reply_failures,
             audio_frames_dropped,
+            sip_requests_throttled,
         }
     }
 
@@ -161,6 +192,12 @@ impl Metrics {
             .get_or_create(&TransportLabels { transport })
             .inc();
         true
+    }
+
+    pub fn rate_limited(&self, kind: Admission) {
+        self.rate_limited
+            .get_or_create(&AdmissionLabels { kind })
+            .inc();
     }
 
     pub fn end_session(&self) {
@@ -206,6 +243,11 @@ impl Metrics {
         self.audio_frames_dropped.inc_by(frames);
     }
 
+    /// SIP requests the per-source flood throttle dropped.
+    pub fn sip_requests_throttled(&self, requests: u64) {
+        self.sip_requests_throttled.inc_by(requests);
+    }
+
     /// The OpenMetrics text exposition.
     pub fn encode(&self) -> String {
         let mut text = String::new();
@@ -228,6 +270,7 @@ mod tests {
         let m = Metrics::new();
         assert!(m.try_start_session(Transport::webrtc, 1));
         assert!(!m.try_start_session(Transport::websocket, 1));
+        m.rate_limited(Admission::offer);
         m.observe_turn(
             TurnLatencies {
                 asr_final: Some(0.18),
@@ -243,6 +286,7 @@ mod tests {
             "talkline_sessions_active 1",
             "talkline_sessions_total{transport=\"webrtc\"} 1",
             "talkline_sessions_rejected_total 1",
+            "talkline_rate_limited_total{kind=\"offer\"} 1",
             "talkline_stage_latency_seconds_count{stage=\"voice_to_voice\"} 1",
             "talkline_stage_latency_seconds_bucket{le=\"0.2\",stage=\"asr_final\"} 1",
             "talkline_stage_latency_seconds_bucket{le=\"0.15\",stage=\"asr_final\"} 0",

@@ -655,10 +655,13 @@ async fn read_body(body: Body) -> Result<Bytes, ApiError> {
 }
 
 fn too_large() -> ApiError {
-    ApiError::invalid(
-        format!("the request body is larger than {MAX_BODY_BYTES} bytes"),
-        None,
-    )
+    ApiError {
+        status: StatusCode::PAYLOAD_TOO_LARGE,
+        ..ApiError::invalid(
+            format!("the request body is larger than {MAX_BODY_BYTES} bytes"),
+            None,
+        )
+    }
 }
 
 /// One completion, on a blocking thread. Holds its concurrency slot until it returns.

@@ -9,18 +9,29 @@
 //! frames of agent audio at the same rate, paced at 20 ms, and JSON events: `ready`, `partial`,
 //! `final`, `turn` (texts and latencies), `clear` (drop queued audio: barge-in), `error`
 //! (with `stage` and `kind` when a reply failed) and `fallback` (the fallback line starts playing).
+//!
+//! With `[tls]` (or `--tls-cert`/`--tls-key`) everything is served over HTTPS and WSS instead
+//! (see [`crate::tls`]). New connections and offers are rate-limited per client address
+//! ([`crate::limits`], 429), sessions by `--max-sessions` (503); oversize bodies get 413 and
+//! oversize WebSocket messages a close with code 1009.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
-use axum::extract::{Path, State};
+use axum::extract::connect_info::{ConnectInfo, Connected};
+use axum::extract::ws::{
+    close_code, CloseFrame, Message as WsMessage, WebSocket, WebSocketUpgrade,
+};
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::{header, StatusCode};
+use axum::middleware::{from_fn_with_state, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
+use axum::serve::IncomingStream;
 use axum::Router;
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
@@ -31,7 +42,8 @@ use talkline_asr::whisper::DecodeOptions;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
+use crate::config::{Config, LimitsConfig};
+use crate::limits::RateLimiter;
 use crate::metrics;
 use crate::models::ModelStore;
 use crate::session::{self, SessionOutput, Shared};
@@ -49,12 +61,29 @@ pub struct ServeArgs {
     /// Most tokens in one reply. Default: `[agent] max_reply_tokens`.
     #[arg(long)]
     pub max_tokens: Option<usize>,
+    /// PEM certificate chain: serve HTTPS and WSS instead of HTTP and WS (with `--tls-key`).
+    /// Overrides `[tls] cert`.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `--tls-cert`. Overrides `[tls] key`.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     #[command(flatten)]
     pub sip: crate::sip::SipArgs,
 }
 
-/// Largest WebSocket message accepted: 1 s of 48 kHz PCM16 is 96 kB.
-const MAX_MESSAGE_BYTES: usize = 256 * 1024;
+/// Largest WebSocket message accepted (`/ws` and `/twilio`): 1 s of 48 kHz PCM16 is 96 kB.
+/// A larger one ends the call with close code 1009 (message too big).
+pub(crate) const MAX_MESSAGE_BYTES: usize = 256 * 1024;
+/// Largest WebSocket frame read. Above [`MAX_MESSAGE_BYTES`] so that a message a little over the
+/// limit is read whole and refused with a clean 1009 close; a bigger frame is refused from its
+/// header alone, without buffering it (the client may then see a reset rather than the close).
+const MAX_FRAME_BYTES: usize = 4 * MAX_MESSAGE_BYTES;
+/// Largest SDP offer read (`POST /webrtc/offer`); more gets 413. A browser's offer with every
+/// ICE candidate gathered is a few kB.
+pub const MAX_SDP_OFFER_BYTES: usize = 64 * 1024;
+/// How long a refused socket's writer gets to send its close frame.
+pub(crate) const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// Audio waiting for the session, in 20 ms frames. Policy when full: drop the frame and count it.
 const INPUT_QUEUE: usize = 100;
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -65,9 +94,52 @@ struct App {
     max_sessions: usize,
     next_id: Arc<AtomicU64>,
     webrtc: Arc<WebRtcHub>,
+    connection_limit: Arc<Mutex<RateLimiter>>,
+    offer_limit: Arc<Mutex<RateLimiter>>,
+}
+
+/// The TCP peer's address, for the per-address limits. Set by the listener, never from a
+/// header: `X-Forwarded-For` is whatever the client wants it to be.
+#[derive(Clone, Copy, Debug)]
+struct Peer(SocketAddr);
+
+impl Connected<IncomingStream<'_, tokio::net::TcpListener>> for Peer {
+    fn connect_info(stream: IncomingStream<'_, tokio::net::TcpListener>) -> Self {
+        Peer(*stream.remote_addr())
+    }
+}
+
+impl Connected<IncomingStream<'_, crate::tls::TlsListener>> for Peer {
+    fn connect_info(stream: IncomingStream<'_, crate::tls::TlsListener>) -> Self {
+        Peer(*stream.remote_addr())
+    }
 }
 
 impl App {
+    /// Takes one admission of `kind` for `peer`; the 429 that refuses it when over the limit.
+    fn refuse_over_limit(&self, kind: metrics::Admission, peer: Peer) -> Option<Response> {
+        let limiter = match kind {
+            metrics::Admission::connection => &self.connection_limit,
+            metrics::Admission::offer => &self.offer_limit,
+        };
+        // A panic elsewhere cannot leave a bucket half-updated: `check` only assigns numbers.
+        let checked = limiter
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .check(peer.0.ip(), Instant::now());
+        checked.err().map(|wait| {
+            self.shared.metrics.rate_limited(kind);
+            tracing::debug!(peer = %peer.0.ip(), ?kind, "rate-limited");
+            let seconds = crate::limits::retry_after_seconds(wait);
+            (
+                StatusCode::TOO_MANY_REQUESTS,
+                [(header::RETRY_AFTER, seconds.to_string())],
+                format!("too many new calls from your address; retry in {seconds} s\n"),
+            )
+                .into_response()
+        })
+    }
+
     /// Takes a session slot and numbers the session; `None` when the server is full.
     fn reserve(&self, transport: metrics::Transport) -> Option<u64> {
         if !self
@@ -96,6 +168,12 @@ fn server_full() -> Response {
 
 pub fn run(args: ServeArgs, config_path: Option<&std::path::Path>) -> anyhow::Result<()> {
     let (config, _) = Config::load(config_path)?;
+    // Before the models load: a bad certificate should fail at once.
+    let tls = crate::tls::configured(
+        args.tls_cert.as_deref().or(config.tls.cert.as_deref()),
+        args.tls_key.as_deref().or(config.tls.key.as_deref()),
+    )?;
+    let limits = config.limits.clone();
     let store = ModelStore::open_default()?;
     let max_tokens = args.max_tokens.unwrap_or(config.agent.max_reply_tokens);
     let shared = Arc::new(load_shared(&config, &store, max_tokens)?);
@@ -108,7 +186,7 @@ pub fn run(args: ServeArgs, config_path: Option<&std::path::Path>) -> anyhow::Re
         .context("starting the async runtime")?;
     runtime.block_on(async {
         let webrtc = Arc::new(WebRtcHub::new(&webrtc)?);
-        serve(shared, webrtc, openai, args).await
+        serve(shared, webrtc, openai, args, tls, &limits).await
     })
 }
 
@@ -156,12 +234,20 @@ async fn serve(
     webrtc: Arc<WebRtcHub>,
     openai: Option<Router>,
     args: ServeArgs,
+    tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+    limits: &LimitsConfig,
 ) -> anyhow::Result<()> {
     let app = App {
         shared,
         max_sessions: args.max_sessions,
         next_id: Arc::new(AtomicU64::new(0)),
         webrtc,
+        connection_limit: Arc::new(Mutex::new(RateLimiter::new(
+            limits.connections_per_minute_per_ip,
+        ))),
+        offer_limit: Arc::new(Mutex::new(RateLimiter::new(
+            limits.offers_per_minute_per_ip,
+        ))),
     };
     let (reserve, release) = (app.clone(), app.clone());
     let slots = crate::sip::Slots {
@@ -169,31 +255,62 @@ async fn serve(
         release: Arc::new(move || release.release()),
     };
     let sip = crate::sip::start(&args.sip, app.shared.clone(), slots).await?;
+    // The limits run as middleware, so a refused client costs neither an upgrade nor a read of
+    // its offer.
+    let limit_connections = from_fn_with_state(app.clone(), limit_connections);
+    let limit_offers = from_fn_with_state(app.clone(), limit_offers);
     let router = Router::new()
         .route("/", get(demo_page))
         .route("/app.js", get(demo_script))
         .route("/style.css", get(demo_style))
-        .route("/webrtc/offer", post(webrtc_offer))
+        .route(
+            "/webrtc/offer",
+            post(webrtc_offer)
+                .layer(DefaultBodyLimit::max(MAX_SDP_OFFER_BYTES))
+                .layer(limit_offers),
+        )
         .route("/webrtc/session/{id}", delete(webrtc_hang_up))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
-        .route("/ws", get(ws_upgrade))
-        .route("/twilio", get(twilio_upgrade))
+        .route("/ws", get(ws_upgrade).layer(limit_connections.clone()))
+        .route("/twilio", get(twilio_upgrade).layer(limit_connections))
         .with_state(app)
         .merge(openai.unwrap_or_default());
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     let addr = listener.local_addr()?;
+    let (http, ws) = if tls.is_some() {
+        ("https", "wss")
+    } else {
+        ("http", "ws")
+    };
     println!(
-        "talkline serving on http://{addr} (open it in a browser and press Call; WebSocket: ws://{addr}/ws)"
+        "talkline serving on {http}://{addr} (open it in a browser and press Call; WebSocket: {ws}://{addr}/ws)"
     );
-    let served = axum::serve(listener, router)
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await
-        .context("serving");
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let served = match tls {
+        Some(config) => {
+            let listener = crate::tls::TlsListener::new(listener, config)?;
+            axum::serve(
+                listener,
+                router.into_make_service_with_connect_info::<Peer>(),
+            )
+            .with_graceful_shutdown(shutdown)
+            .await
+        }
+        None => {
+            axum::serve(
+                listener,
+                router.into_make_service_with_connect_info::<Peer>(),
+            )
+            .with_graceful_shutdown(shutdown)
+            .await
+        }
+    }
+    .context("serving");
     if let Some(sip) = sip {
         sip.stop().await;
     }
@@ -205,6 +322,30 @@ async fn metrics(State(app): State<App>) -> impl IntoResponse {
         [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
         app.shared.metrics.encode(),
     )
+}
+
+async fn limit_connections(
+    State(app): State<App>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    request: Request,
+    next: Next,
+) -> Response {
+    match app.refuse_over_limit(metrics::Admission::connection, peer) {
+        Some(refused) => refused,
+        None => next.run(request).await,
+    }
+}
+
+async fn limit_offers(
+    State(app): State<App>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    request: Request,
+    next: Next,
+) -> Response {
+    match app.refuse_over_limit(metrics::Admission::offer, peer) {
+        Some(refused) => refused,
+        None => next.run(request).await,
+    }
 }
 
 async fn ws_upgrade(State(app): State<App>, ws: WebSocketUpgrade) -> Response {
@@ -294,6 +435,7 @@ fn upgrade(app: App, ws: WebSocketUpgrade, transport: Transport) -> Response {
         return server_full();
     };
     ws.max_message_size(MAX_MESSAGE_BYTES)
+        .max_frame_size(MAX_FRAME_BYTES)
         .on_upgrade(move |socket| async move {
             let shared = app.shared.clone();
             let result = match transport {
@@ -356,6 +498,31 @@ pub fn parse_key(digit: &str) -> Option<char> {
     }
 }
 
+/// The close frame for a read error that broke the size limits: 1009, message too big, with
+/// the limit in the reason. `None` for any other error.
+pub(crate) fn oversize_close(error: &axum::Error) -> Option<CloseFrame> {
+    use std::error::Error as _;
+    match error.source()?.downcast_ref::<tungstenite::Error>()? {
+        tungstenite::Error::Capacity(_) => Some(CloseFrame {
+            code: close_code::SIZE,
+            reason: format!("message too big: the limit is {MAX_MESSAGE_BYTES} bytes").into(),
+        }),
+        _ => None,
+    }
+}
+
+/// Ends a socket that has not been split yet after a read error, with a 1009 close when the
+/// error was an oversize message; returns the error for the caller to report.
+pub(crate) async fn end_after_read_error(
+    socket: &mut WebSocket,
+    error: axum::Error,
+) -> anyhow::Error {
+    if let Some(frame) = oversize_close(&error) {
+        let _ = socket.send(WsMessage::Close(Some(frame))).await;
+    }
+    anyhow::Error::new(error).context("reading the WebSocket")
+}
+
 fn error_event(message: &str) -> WsMessage {
     WsMessage::Text(
         json!({"type": "error", "message": message})
@@ -370,7 +537,11 @@ async fn handle_socket(mut socket: WebSocket, shared: Arc<Shared>, id: u64) -> a
         let msg = tokio::time::timeout(HELLO_TIMEOUT, socket.recv())
             .await
             .context("no hello within 5 s")?
-            .context("closed before hello")??;
+            .context("closed before hello")?;
+        let msg = match msg {
+            Ok(msg) => msg,
+            Err(e) => return Err(end_after_read_error(&mut socket, e).await),
+        };
         match msg {
             WsMessage::Text(text) => match parse_client_message(&text) {
                 Ok(ClientMessage::Hello { sample_rate })
@@ -417,6 +588,8 @@ async fn handle_socket(mut socket: WebSocket, shared: Arc<Shared>, id: u64) -> a
     let (input_tx, input_rx) = mpsc::channel::<Vec<f32>>(INPUT_QUEUE);
     let (keys_tx, keys_rx) = mpsc::channel::<char>(KEY_QUEUE);
     let (output_tx, mut output_rx) = mpsc::channel::<SessionOutput>(session::OUTPUT_QUEUE);
+    // At most one close frame, ahead of any queued output.
+    let (close_tx, mut close_rx) = mpsc::channel::<CloseFrame>(1);
     let cancel = CancellationToken::new();
     let session = tokio::spawn(session::run_with_keys(
         shared,
@@ -427,8 +600,19 @@ async fn handle_socket(mut socket: WebSocket, shared: Arc<Shared>, id: u64) -> a
         cancel.clone(),
         format!("ws-{id}"),
     ));
-    let writer = tokio::spawn(async move {
-        while let Some(out) = output_rx.recv().await {
+    let mut writer = tokio::spawn(async move {
+        loop {
+            let out = tokio::select! {
+                biased;
+                Some(frame) = close_rx.recv() => {
+                    let _ = sink.send(WsMessage::Close(Some(frame))).await;
+                    return;
+                }
+                out = output_rx.recv() => match out {
+                    Some(out) => out,
+                    None => break,
+                },
+            };
             let msg = match out {
                 SessionOutput::Audio(samples) => WsMessage::Binary(
                     samples
@@ -452,6 +636,7 @@ async fn handle_socket(mut socket: WebSocket, shared: Arc<Shared>, id: u64) -> a
     let mut resampler = To16k::new(rate)?;
     let mut dropped = 0u64;
     let mut errors = Vec::new();
+    let mut close = None;
     while let Some(msg) = stream.next().await {
         match msg {
             Ok(WsMessage::Binary(bytes)) => {
@@ -475,7 +660,11 @@ async fn handle_socket(mut socket: WebSocket, shared: Arc<Shared>, id: u64) -> a
                 Ok(ClientMessage::Hello { .. }) => errors.push("hello was already received"),
                 Err(_) => errors.push("a text message was not a known JSON message"),
             },
-            Ok(WsMessage::Close(_)) | Err(_) => break,
+            Ok(WsMessage::Close(_)) => break,
+            Err(e) => {
+                close = oversize_close(&e);
+                break;
+            }
             Ok(_) => {}
         }
         for e in errors.drain(..) {
@@ -489,9 +678,20 @@ async fn handle_socket(mut socket: WebSocket, shared: Arc<Shared>, id: u64) -> a
             "input frames dropped: the session fell behind"
         );
     }
+    let closing = close.is_some();
+    if let Some(frame) = close {
+        tracing::info!(
+            session = id,
+            "a message over {MAX_MESSAGE_BYTES} bytes; closing with 1009"
+        );
+        let _ = close_tx.try_send(frame);
+    }
     drop(input_tx);
     cancel.cancel();
     let result = session.await;
+    if closing {
+        let _ = tokio::time::timeout(CLOSE_GRACE, &mut writer).await;
+    }
     writer.abort();
     match result {
         Ok(r) => r,

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::ws::{Message as WsMessage, WebSocket};
+use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket};
 use base64::Engine as _;
 use futures_util::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
@@ -119,7 +119,11 @@ pub async fn handle_socket(
         let Some(msg) = socket.recv().await else {
             return Ok(());
         };
-        match msg? {
+        let msg = match msg {
+            Ok(msg) => msg,
+            Err(e) => return Err(crate::serve::end_after_read_error(&mut socket, e).await),
+        };
+        match msg {
             WsMessage::Text(t) => match parse_inbound(&t) {
                 Ok(Inbound::Start { start }) => {
                     if let Some(f) = &start.media_format {
@@ -144,6 +148,8 @@ pub async fn handle_socket(
     let (input_tx, input_rx) = mpsc::channel::<Vec<f32>>(INPUT_QUEUE);
     let (keys_tx, keys_rx) = mpsc::channel::<char>(crate::serve::KEY_QUEUE);
     let (output_tx, mut output_rx) = mpsc::channel::<SessionOutput>(session::OUTPUT_QUEUE);
+    // At most one close frame, ahead of any queued output.
+    let (close_tx, mut close_rx) = mpsc::channel::<CloseFrame>(1);
     let cancel = CancellationToken::new();
     let session = tokio::spawn(session::run_with_keys(
         shared,
@@ -155,10 +161,21 @@ pub async fn handle_socket(
         format!("twilio-{id}"),
     ));
     let sid = stream_sid.clone();
-    let writer = tokio::spawn(async move {
+    let mut writer = tokio::spawn(async move {
         let b64 = base64::engine::general_purpose::STANDARD;
         let mut turn = 0u64;
-        while let Some(out) = output_rx.recv().await {
+        loop {
+            let out = tokio::select! {
+                biased;
+                Some(frame) = close_rx.recv() => {
+                    let _ = sink.send(WsMessage::Close(Some(frame))).await;
+                    return;
+                }
+                out = output_rx.recv() => match out {
+                    Some(out) => out,
+                    None => break,
+                },
+            };
             let msg = match out {
                 SessionOutput::Audio(samples) => {
                     let bytes: Vec<u8> = samples
@@ -184,8 +201,15 @@ pub async fn handle_socket(
 
     let mut resampler = To16k::new(RATE)?;
     let mut dropped = 0u64;
+    let mut close = None;
     while let Some(msg) = stream.next().await {
-        let Ok(msg) = msg else { break };
+        let msg = match msg {
+            Ok(msg) => msg,
+            Err(e) => {
+                close = crate::serve::oversize_close(&e);
+                break;
+            }
+        };
         let t = match msg {
             WsMessage::Text(t) => t,
             WsMessage::Close(_) => break,
@@ -219,9 +243,17 @@ pub async fn handle_socket(
             "input dropped: the session fell behind"
         );
     }
+    let closing = close.is_some();
+    if let Some(frame) = close {
+        tracing::info!(session = id, "an oversize message; closing with 1009");
+        let _ = close_tx.try_send(frame);
+    }
     drop(input_tx);
     cancel.cancel();
     let result = session.await;
+    if closing {
+        let _ = tokio::time::timeout(crate::serve::CLOSE_GRACE, &mut writer).await;
+    }
     writer.abort();
     result.map_err(|e| anyhow::anyhow!("session task failed: {e}"))?
 }

@@ -35,6 +35,8 @@ struct State {
     /// When each fault was dealt (a 500 sent, the first token of a stall or drop sent).
     faults: Vec<Instant>,
     requests: usize,
+    /// Every request body, in arrival order: the conversations the LLM was shown.
+    bodies: Vec<String>,
     /// Printed to stdout when a stall begins: the sign a parent process waits for.
     stall_marker: Option<String>,
 }
@@ -66,6 +68,7 @@ impl FaultServer {
             listening: true,
             faults: Vec::new(),
             requests: 0,
+            bodies: Vec::new(),
             stall_marker: marker,
         }));
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -108,6 +111,11 @@ impl FaultServer {
 
     pub fn requests(&self) -> usize {
         lock(&self.state).requests
+    }
+
+    /// The bodies of the requests so far (each a chat-completions request: the whole context).
+    pub fn request_bodies(&self) -> Vec<String> {
+        lock(&self.state).bodies.clone()
     }
 }
 
@@ -194,6 +202,7 @@ fn serve(stream: TcpStream, state: &Mutex<State>) -> std::io::Result<()> {
     let mode = {
         let mut s = lock(state);
         s.requests += 1;
+        s.bodies.push(String::from_utf8_lossy(&body).into_owned());
         s.mode.clone()
     };
     let mut out = stream;

@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 pub mod fault_server;
+pub mod sip;
+pub mod sip_caller;
 
 /// The `talkline` binary under test: `$TALKLINE_BIN`, else the one cargo built beside the tests.
 pub fn talkline_bin() -> PathBuf {
@@ -187,6 +189,24 @@ impl Server {
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
+
+    /// Sends SIGINT (Ctrl-C) and waits up to `timeout` for the server to exit: its exit status,
+    /// or `None` if it is still running.
+    pub fn interrupt(&mut self, timeout: std::time::Duration) -> Option<std::process::ExitStatus> {
+        let sent = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(sent.success(), "kill -INT failed");
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().expect("the server can be waited for") {
+                return Some(status);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        None
+    }
 }
 
 impl Drop for Server {
@@ -196,25 +216,47 @@ impl Drop for Server {
     }
 }
 
-/// Starts `talkline serve` on 127.0.0.1:0 and waits for its address.
+/// As [`start_server`], with the server's log (stderr) written to `log` and `RUST_LOG` set to
+/// `filter`: for tests that read what the server logged.
+pub fn start_server_logging(extra: &[&str], log: &Path, filter: &str) -> Server {
+    let log = std::fs::File::create(log).expect("the log file is created");
+    let child = Command::new(talkline_bin())
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .args(extra)
+        .env("RUST_LOG", filter)
+        .stdout(std::process::Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .expect("talkline serve starts");
+    serving(child)
+}
+
+/// The server once it printed the address it serves on.
+fn serving(mut child: std::process::Child) -> Server {
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)
+        .expect("the address line");
+    let addr = line
+        .split("://")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_string();
+    Server { child, addr }
+}
+
+/// Starts `talkline serve` on 127.0.0.1:0 and waits for its address (served over HTTP, or
+/// HTTPS when `extra` configures TLS).
 pub fn start_server(extra: &[&str]) -> Server {
-    let mut child = Command::new(talkline_bin())
+    let child = Command::new(talkline_bin())
         .args(["serve", "--listen", "127.0.0.1:0"])
         .args(extra)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::inherit())
         .spawn()
         .expect("talkline serve starts");
-    let stdout = child.stdout.take().unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).unwrap();
-    let addr = line
-        .split("http://")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no address in {line:?}"))
-        .to_string();
-    Server { child, addr }
+    serving(child)
 }
 
 /// A `talkline.toml` in `dir` selecting the lab-results agent over `examples/patients`, with the

@@ -17,6 +17,7 @@ mod link;
 mod report;
 mod scenario;
 mod sip_link;
+mod soak;
 mod svg;
 
 use std::io::BufRead;
@@ -96,6 +97,11 @@ pub struct BenchArgs {
     /// 8 kHz; per-stage server times are not observable over SIP and are reported as n/a).
     #[arg(long, value_enum, default_value = "websocket")]
     pub transport: link::Transport,
+    /// Soak mode: --sessions callers speak the scenario over and over for this many minutes;
+    /// the report (soak.md, soak.json) has each minute's calls, failures, voice-to-voice p50/p95
+    /// and the server's resident memory, and a verdict. No sweep or baselines.
+    #[arg(long, value_name = "MINUTES")]
+    pub soak_minutes: Option<usize>,
 }
 
 /// The server under test; killed when dropped.
@@ -274,6 +280,35 @@ pub fn run(args: BenchArgs, config_path: Option<&Path>) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     let stagger = Duration::from_millis(args.stagger_ms);
+    if let Some(minutes) = args.soak_minutes.filter(|m| *m > 0) {
+        let server_pid = server.as_ref().map(|s| s.child.id());
+        let sessions = args.sessions.max(1);
+        eprintln!("bench: soak, {sessions} session(s) for {minutes} minute(s)");
+        let result = rt.block_on(soak::run(
+            &addr, turns, sessions, minutes, stagger, &opts, server_pid,
+        ));
+        drop(server);
+        let command = std::env::args().collect::<Vec<_>>().join(" ");
+        let machine = format!(
+            "{} cores, {}; load average {load_before} before, {} after; config: {config_source}",
+            std::thread::available_parallelism().map_or(0, |n| n.get()),
+            cpu_model(),
+            loadavg()
+        );
+        let title = format!(
+            "talkline soak: scenario \"{}\" over {}, {}",
+            scenario.name,
+            args.transport.name(),
+            utc_stamp()
+        );
+        let md = soak::markdown(&result, &title, &command, &machine);
+        std::fs::write(out.join("soak.md"), &md)?;
+        std::fs::write(out.join("soak.json"), serde_json::to_string_pretty(&result)?)?;
+        println!("{md}");
+        println!("report: {}", out.display());
+        anyhow::ensure!(result.passed, "the soak failed; see {}", out.join("soak.md").display());
+        return Ok(());
+    }
     let (mut all_turns, mut done_levels) = (Vec::new(), Vec::new());
     rt.block_on(async {
         if !args.quick {

@@ -120,13 +120,18 @@ impl SipLink {
             let _ = signalling.await;
             bail!("the server answered without receiving audio ({remote:?})");
         }
+        let crate::sip::sdp::Codec::G711(law) = remote.codec else {
+            hang_up.cancel();
+            let _ = signalling.await;
+            bail!("the server answered {:?}; this caller offered G.711 only", remote.codec);
+        };
         let (incoming_tx, incoming) = mpsc::channel(INCOMING_QUEUE);
-        let receiver = tokio::spawn(receive(rtp.clone(), remote.law, incoming_tx));
+        let receiver = tokio::spawn(receive(rtp.clone(), law, incoming_tx));
         Ok(SipLink {
             rtp,
             remote_rtp: remote.rtp,
-            law: remote.law,
-            sender: RtpSender::new(remote.law.payload_type(), seed.rotate_left(17)),
+            law,
+            sender: RtpSender::new(law.payload_type(), seed.rotate_left(17)),
             decimator: Decimator::new(),
             incoming,
             ended,
@@ -207,7 +212,7 @@ async fn signalling(
         while let Some(event) = endpoint.poll_event() {
             match event {
                 Event::Send { to, data } => {
-                    if let Err(e) = socket.send_to(&data, to).await {
+                    if let Err(e) = socket.send_to(&data, to.addr).await {
                         tracing::debug!("bench SIP send to {to}: {e}");
                     }
                 }

@@ -83,6 +83,102 @@ pub fn parse_challenge(value: &str) -> Option<Challenge> {
     })
 }
 
+/// A caller's `Authorization: Digest ...` answer to our challenge, as sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub username: String,
+    pub realm: String,
+    pub nonce: String,
+    pub uri: String,
+    pub response: String,
+    pub algorithm: Algorithm,
+    /// `qop=auth` with its `nc` and `cnonce`; `None`: the RFC 2069 form.
+    pub qop_auth: Option<(u32, String)>,
+}
+
+/// Parses an `Authorization` value; `None` for another scheme, a missing field or an algorithm
+/// or protection we do not implement (such an answer is challenged again, like a wrong one).
+pub fn parse_authorization(value: &str) -> Option<Credentials> {
+    let (scheme, params) = value.trim().split_once(char::is_whitespace)?;
+    if !scheme.eq_ignore_ascii_case("digest") {
+        return None;
+    }
+    let (mut username, mut realm, mut nonce, mut uri, mut response) = (None, None, None, None, None);
+    let (mut algorithm, mut qop, mut nc, mut cnonce) = (Algorithm::Md5, None, None, None);
+    for (name, value) in params_of(params) {
+        match name.to_ascii_lowercase().as_str() {
+            "username" => username = Some(value),
+            "realm" => realm = Some(value),
+            "nonce" => nonce = Some(value),
+            "uri" => uri = Some(value),
+            "response" => response = Some(value.to_ascii_lowercase()),
+            "algorithm" => {
+                algorithm = match value.to_ascii_uppercase().as_str() {
+                    "MD5" => Algorithm::Md5,
+                    "SHA-256" => Algorithm::Sha256,
+                    _ => return None,
+                }
+            }
+            "qop" => qop = Some(value),
+            "nc" => nc = u32::from_str_radix(&value, 16).ok(),
+            "cnonce" => cnonce = Some(value),
+            _ => {}
+        }
+    }
+    let qop_auth = match qop {
+        None => None,
+        Some(q) if q.eq_ignore_ascii_case("auth") => Some((nc?, cnonce?)),
+        Some(_) => return None,
+    };
+    Some(Credentials {
+        username: username?,
+        realm: realm?,
+        nonce: nonce?,
+        uri: uri?,
+        response: response?,
+        algorithm,
+        qop_auth,
+    })
+}
+
+/// The `response` a caller with `password` would have sent in `credentials` for `method`.
+pub fn expected_response(credentials: &Credentials, method: &str, password: &str) -> String {
+    let challenge = Challenge {
+        realm: credentials.realm.clone(),
+        nonce: credentials.nonce.clone(),
+        opaque: None,
+        algorithm: credentials.algorithm,
+        qop_auth: credentials.qop_auth.is_some(),
+        stale: false,
+    };
+    let (nc, cnonce) = match &credentials.qop_auth {
+        Some((nc, cnonce)) => (*nc, cnonce.as_str()),
+        None => (0, ""),
+    };
+    response(
+        &challenge,
+        &Request {
+            method,
+            uri: &credentials.uri,
+            username: &credentials.username,
+            password,
+            cnonce,
+            nc,
+        },
+    )
+}
+
+/// The `WWW-Authenticate` value of our challenge.
+pub fn challenge_header(realm: &str, nonce: &str, algorithm: Algorithm, stale: bool) -> String {
+    let stale = if stale { ", stale=true" } else { "" };
+    format!(
+        "Digest realm=\"{}\", nonce=\"{}\", algorithm={}, qop=\"auth\"{stale}",
+        quote(realm),
+        quote(nonce),
+        algorithm.name()
+    )
+}
+
 /// `name=value` or `name="quoted, value"` pairs separated by commas. Backslash escapes in quoted
 /// strings are honoured.
 fn params_of(text: &str) -> Vec<(String, String)> {

@@ -2,7 +2,8 @@
 //! and hands back datagrams to send and call events. It never reads a clock or touches a socket,
 //! so the RFC 3261 timers are tested on a virtual clock.
 //!
-//! Scope: one dialog per Call-ID, over UDP. As a UAS it answers INVITE (100, then 180 and 200
+//! Scope: one dialog per Call-ID, over UDP, TCP or TLS (the transport is a tag on every
+//! [`Peer`]; the I/O layer frames streams and keeps their connections). As a UAS it answers INVITE (100, then 180 and 200
 //! once the transport has a media port, or a final error), retransmits the final response until
 //! the ACK (timers G and H), and handles CANCEL, BYE, OPTIONS and re-INVITE (hold). As a UAC it
 //! sends INVITE (timers A and B), ACKs the final response and sends BYE (timers E and F).
@@ -11,8 +12,19 @@
 //! Transfer (RFC 3515): an in-dialog REFER (timers E and F), the NOTIFYs with the transfer's
 //! progress as sipfrag answered 200, and BYE once the target answered the transferee.
 //! In-dialog requests go back to the address the peer's datagrams come from, not to its Contact:
-//! what NAT'ed phones need, and equal to the Contact on a LAN. Route sets are not kept (no
-//! proxies in the path yet).
+//! what NAT'ed phones need, and equal to the Contact on a LAN. Behind a proxy that is the
+//! proxy: a dialog keeps the route set its INVITE recorded (Record-Route, copied into our
+//! answer, RFC 3261 section 12.1) and our in-dialog requests carry it as Route headers. Loose
+//! routers (`;lr`) only: a strict router's request URI rewriting (section 12.2.1.1) is not done.
+//! Reliable transports (RFC 3261 section 17): TCP and TLS deliver or fail, so requests and
+//! non-2xx final responses are not retransmitted (no timers A, E or G), while timers B, F and H
+//! still bound every transaction; a 2xx to INVITE is retransmitted until the ACK on every
+//! transport (section 13.3.1.4: the ACK is end to end, and a hop behind a proxy may be UDP).
+//! Flood throttling ([`super::throttle`]): requests that would open a transaction outside our
+//! calls are metered per source address and dropped unanswered over the limit; responses and
+//! requests in a call from its peer's address (ACK, BYE, CANCEL, re-INVITE, NOTIFY) are never
+//! metered, so a flood cannot starve calls in progress. Initial INVITEs always are, even
+//! retransmitted: a repeated INVITE must not buy unmetered answers.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
@@ -20,7 +32,9 @@ use std::time::{Duration, Instant};
 
 use super::digest::{self, Challenge};
 use super::message::{self, Malformed, Message, OutgoingRequest, StartLine, ALLOW};
-use super::sdp::{self, LocalMedia, RemoteMedia, SdpError};
+use super::policy::{CallerAuth, DestinationAllowList, Verdict};
+use super::sdp::{self, LocalMedia, RemoteMedia};
+use super::throttle::Throttle;
 
 /// RFC 3261's round-trip estimate.
 pub const T1: Duration = Duration::from_millis(500);
@@ -45,11 +59,63 @@ const ENDED_CAPACITY: usize = 1_024;
 
 pub type CallId = String;
 
+/// How SIP messages travel between us and a peer (RFC 3261 section 18).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Transport {
+    Udp,
+    Tcp,
+    Tls,
+}
+
+impl Transport {
+    /// TCP and TLS deliver or fail: nothing is retransmitted hop by hop over them.
+    pub fn is_reliable(self) -> bool {
+        self != Transport::Udp
+    }
+
+    /// The Via header's transport token.
+    fn via_token(self) -> &'static str {
+        match self {
+            Transport::Udp => "UDP",
+            Transport::Tcp => "TCP",
+            Transport::Tls => "TLS",
+        }
+    }
+}
+
+/// The other end of a message: its address and the transport between us. For TCP and TLS the
+/// address is the connection's remote end, so an answer goes back on the connection its
+/// request came on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    pub transport: Transport,
+}
+
+impl Peer {
+    pub fn new(addr: SocketAddr, transport: Transport) -> Self {
+        Self { addr, transport }
+    }
+}
+
+/// A bare address is a UDP peer, as before streams were served.
+impl From<SocketAddr> for Peer {
+    fn from(addr: SocketAddr) -> Self {
+        Self::new(addr, Transport::Udp)
+    }
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.transport.via_token())
+    }
+}
+
 /// What the transport must do or know.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Event {
     Send {
-        to: SocketAddr,
+        to: Peer,
         data: Vec<u8>,
     },
     /// A new inbound call: answer with [`Endpoint::accept`] or [`Endpoint::reject`].
@@ -111,7 +177,7 @@ enum State {
 #[derive(Debug)]
 struct Retransmit {
     data: Vec<u8>,
-    to: SocketAddr,
+    to: Peer,
     next: Option<Instant>,
     interval: Duration,
     /// INVITE requests keep doubling; everything else stops at T2.
@@ -124,16 +190,31 @@ impl Retransmit {
     /// every T2.
     fn proceeding(&mut self, now: Instant) {
         self.interval = T2;
-        self.next = Some(now + T2);
+        if self.next.is_some() {
+            self.next = Some(now + T2);
+        }
     }
 
-    fn new(now: Instant, data: Vec<u8>, to: SocketAddr, cap: Option<Duration>) -> Self {
+    /// A request or a non-2xx final response: retransmitted over UDP only (timers A, E and
+    /// G), given up after the transaction timeout on every transport (timers B, F and H).
+    fn new(now: Instant, data: Vec<u8>, to: Peer, cap: Option<Duration>) -> Self {
+        let mut r = Self::until_acked(now, data, to);
+        r.cap = cap;
+        if to.transport.is_reliable() {
+            r.next = None;
+        }
+        r
+    }
+
+    /// A 2xx to INVITE: every T1, doubling up to T2, on every transport until the ACK or
+    /// timer H (RFC 3261 section 13.3.1.4).
+    fn until_acked(now: Instant, data: Vec<u8>, to: Peer) -> Self {
         Self {
             data,
             to,
             next: Some(now + T1),
             interval: T1,
-            cap,
+            cap: Some(T2),
             give_up: now + TRANSACTION_TIMEOUT,
         }
     }
@@ -181,13 +262,16 @@ impl Transfer {
 struct Call {
     state: State,
     /// Where the peer's signalling comes from; in-dialog requests go there.
-    peer: SocketAddr,
+    peer: Peer,
     local_tag: String,
     /// Our From (UAC) or To (UAS) value, with our tag.
     local_party: String,
     /// The other side's, with its tag once known.
     remote_party: String,
     remote_target: String,
+    /// The dialog's route set: the proxies that record-routed the INVITE, nearest first, as
+    /// the Route headers of our requests in the dialog.
+    route_set: Vec<String>,
     local_cseq: u32,
     /// The request the pending final response answers (UAS INVITE or re-INVITE).
     invite: Option<Message>,
@@ -231,6 +315,9 @@ struct Registration {
     /// The challenge the pending REGISTER answers and how often that nonce was used: a second
     /// challenge that is not `stale` means the credentials are wrong, not the nonce old.
     answered: Option<(Challenge, u32)>,
+    /// Shutting down: the REGISTERs now ask for `Expires: 0`, and the registration ends with
+    /// their answer.
+    removing: bool,
 }
 
 impl Registration {
@@ -249,13 +336,28 @@ pub struct LocalAddresses {
     pub media_ip: IpAddr,
 }
 
+/// Our addresses with the TLS listener's, when there is one: what Via and Contact name.
+#[derive(Debug, Clone, Copy)]
+struct Local {
+    addresses: LocalAddresses,
+    tls: Option<SocketAddr>,
+}
+
 pub struct Endpoint {
-    local: LocalAddresses,
+    local: Local,
     calls: HashMap<CallId, Call>,
     /// Answers to BYEs of ended calls, until they expire.
-    ended: HashMap<CallId, (Vec<u8>, SocketAddr, Instant)>,
+    ended: HashMap<CallId, (Vec<u8>, Peer, Instant)>,
+    /// Meters requests that would open a transaction outside our calls, per source.
+    throttle: Throttle,
+    /// Requests dropped by the throttle since [`Endpoint::take_throttled`] last asked.
+    throttled: u64,
     events: VecDeque<Event>,
     registration: Option<Registration>,
+    /// `--sip-allow`: the request URIs INVITEs may address.
+    allowed: DestinationAllowList,
+    /// `--sip-auth-users`: callers must answer a digest challenge.
+    caller_auth: Option<CallerAuth>,
     /// Seed and counter for tags, branches and Call-IDs.
     seed: u64,
     counter: u64,
@@ -265,14 +367,44 @@ impl Endpoint {
     /// `seed` makes our identifiers unique across processes (the transport passes entropy).
     pub fn new(local: LocalAddresses, seed: u64) -> Self {
         Self {
-            local,
+            local: Local {
+                addresses: local,
+                tls: None,
+            },
             calls: HashMap::new(),
             ended: HashMap::new(),
+            throttle: Throttle::default(),
+            throttled: 0,
             events: VecDeque::new(),
             registration: None,
+            allowed: DestinationAllowList::default(),
+            caller_auth: None,
             seed,
             counter: 0,
         }
+    }
+
+    /// Which INVITEs are answered: those to a request URI on `allowed` and, with `caller_auth`,
+    /// from callers with valid digest credentials (the others get 403 and 401).
+    pub fn set_policy(&mut self, allowed: DestinationAllowList, caller_auth: Option<CallerAuth>) {
+        self.allowed = allowed;
+        self.caller_auth = caller_auth;
+    }
+
+    /// The address TLS peers reach us at, written into Via and Contact of TLS dialogs.
+    pub fn set_tls_address(&mut self, addr: SocketAddr) {
+        self.local.tls = Some(addr);
+    }
+
+    /// How many requests the flood throttle dropped since the last call.
+    pub fn take_throttled(&mut self) -> u64 {
+        std::mem::take(&mut self.throttled)
+    }
+
+    /// Whether a call in progress talks with `peer`: its stream connection is kept open even
+    /// when idle.
+    pub fn in_call_with(&self, peer: Peer) -> bool {
+        self.calls.values().any(|c| c.peer == peer)
     }
 
     pub fn poll_event(&mut self) -> Option<Event> {
@@ -341,8 +473,26 @@ impl Endpoint {
             retransmit: None,
             next: None,
             answered: None,
+            removing: false,
         });
         self.send_register(now, None);
+    }
+
+    /// Removes our binding (REGISTER with `Expires: 0`, RFC 3261 section 10.2.2), as a user agent
+    /// going away does, so the registrar stops sending calls to an address nobody answers.
+    /// Challenges are answered as usual; the registration ends with the final answer or timer F.
+    pub fn unregister(&mut self, now: Instant) {
+        let Some(r) = self.registration.as_mut() else {
+            return;
+        };
+        r.removing = true;
+        r.answered = None;
+        self.send_register(now, None);
+    }
+
+    /// Registered, or registering or unregistering.
+    pub fn has_registration(&self) -> bool {
+        self.registration.is_some()
     }
 
     /// A REGISTER, answering `authorization` (`Proxy-Authorization` when `proxy`) if given.
@@ -353,8 +503,9 @@ impl Endpoint {
             return;
         };
         r.cseq += 1;
-        let contact = contact_of(&local);
-        let mut headers = vec![("Expires", r.config.expires.to_string())];
+        let contact = contact_of(&local, Transport::Udp);
+        let expires = if r.removing { 0 } else { r.config.expires };
+        let mut headers = vec![("Expires", expires.to_string())];
         if let Some((proxy, value)) = authorization {
             let name = if proxy {
                 "Proxy-Authorization"
@@ -367,7 +518,7 @@ impl Endpoint {
         let register = OutgoingRequest {
             method: "REGISTER",
             uri: &r.uri,
-            via: via(&local, &branch),
+            via: via(&local, Transport::Udp, &branch),
             from: &format!("{aor};tag={}", r.local_tag),
             to: &aor,
             call_id: &r.call_id,
@@ -376,7 +527,7 @@ impl Endpoint {
             body: None,
         }
         .to_bytes_with(&headers);
-        let to = r.config.registrar;
+        let to = Peer::from(r.config.registrar);
         r.retransmit = Some(Retransmit::new(now, register.clone(), to, Some(T2)));
         r.next = None;
         self.send(to, register);
@@ -387,7 +538,10 @@ impl Endpoint {
             return;
         };
         if let Some(t) = r.retransmit.as_mut() {
-            if t.give_up <= now {
+            if t.give_up <= now && r.removing {
+                tracing::warn!(registrar = %r.config.registrar, "un-REGISTER unanswered (timer F)");
+                self.registration = None;
+            } else if t.give_up <= now {
                 tracing::warn!(registrar = %r.config.registrar, "REGISTER unanswered (timer F)");
                 r.retransmit = None;
                 r.answered = None;
@@ -419,6 +573,11 @@ impl Endpoint {
             return;
         }
         r.retransmit = None;
+        if r.removing && (200..300).contains(&code) {
+            tracing::info!(aor = %r.config.aor, "unregistered");
+            self.registration = None;
+            return;
+        }
         if (200..300).contains(&code) {
             // The registrar may grant less than we asked: its Contact's expires, else Expires.
             let granted = m
@@ -476,9 +635,14 @@ impl Endpoint {
         } else {
             tracing::warn!(aor = %r.config.aor, code, "registration refused");
         }
-        if let Some(r) = self.registration.as_mut() {
-            r.answered = None;
-            r.next = Some(now + REGISTER_RETRY);
+        match self.registration.as_mut() {
+            // Going away: nothing to retry for.
+            Some(r) if r.removing => self.registration = None,
+            Some(r) => {
+                r.answered = None;
+                r.next = Some(now + REGISTER_RETRY);
+            }
+            None => {}
         }
     }
 
@@ -553,7 +717,7 @@ impl Endpoint {
         });
     }
 
-    fn send(&mut self, to: SocketAddr, data: Vec<u8>) {
+    fn send(&mut self, to: Peer, data: Vec<u8>) {
         self.events.push_back(Event::Send { to, data });
     }
 
@@ -562,14 +726,27 @@ impl Endpoint {
         format!("{:016x}", splitmix64(self.seed ^ self.counter))
     }
 
-    /// One datagram from `from`.
-    pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, datagram: &[u8]) {
+    /// One message from `from`: a datagram, or one framed off a stream.
+    pub fn handle_datagram(&mut self, now: Instant, from: impl Into<Peer>, datagram: &[u8]) {
+        let from = from.into();
         match message::parse(datagram) {
             Ok(m) => match m.start.clone() {
-                StartLine::Request { method, .. } => self.handle_request(now, from, &method, m),
+                StartLine::Request { method, .. } => {
+                    // An initial INVITE is metered even when its Call-ID is known (a
+                    // retransmission, or a retry with credentials): repeating one must not
+                    // buy unmetered answers.
+                    let initial = method == "INVITE" && m.to_tag().is_none();
+                    let exempt = !initial && self.in_call(from, &m.call_id);
+                    if exempt || self.admit(now, from) {
+                        self.handle_request(now, from, &method, m)
+                    }
+                }
                 StartLine::Response { code } => self.handle_response(now, from, code, m),
             },
             Err(Malformed::Answer { code, partial }) => {
+                if !self.admit(now, from) {
+                    return;
+                }
                 tracing::info!(%from, code, "answered a malformed SIP request");
                 self.send(from, message::response(&partial, code, None, &[], None));
             }
@@ -579,7 +756,29 @@ impl Endpoint {
         }
     }
 
-    fn handle_request(&mut self, now: Instant, from: SocketAddr, method: &str, m: Message) {
+    /// A request in one of our calls (or a BYE of one just ended) from its peer's address: not
+    /// throttled (initial INVITEs aside), so a flood from elsewhere, or a burst from the same
+    /// PBX, cannot cut calls in progress off their ACK, BYE or CANCEL.
+    fn in_call(&self, from: Peer, call_id: &str) -> bool {
+        let same_host = |peer: &Peer| peer.addr.ip() == from.addr.ip();
+        self.calls.get(call_id).is_some_and(|c| same_host(&c.peer))
+            || self
+                .ended
+                .get(call_id)
+                .is_some_and(|(_, p, _)| same_host(p))
+    }
+
+    /// Whether the throttle lets a request that would be answered outside our calls through;
+    /// one it refuses is dropped unanswered (answering would amplify the flood) and counted.
+    fn admit(&mut self, now: Instant, from: Peer) -> bool {
+        if self.throttle.allow(now, from.addr.ip()) {
+            return true;
+        }
+        self.throttled += 1;
+        false
+    }
+
+    fn handle_request(&mut self, now: Instant, from: Peer, method: &str, m: Message) {
         match method {
             "INVITE" if m.to_tag().is_none() => self.handle_invite(now, from, m),
             "INVITE" => self.handle_reinvite(now, from, m),
@@ -602,18 +801,46 @@ impl Endpoint {
         }
     }
 
-    fn handle_invite(&mut self, now: Instant, from: SocketAddr, m: Message) {
+    fn handle_invite(&mut self, now: Instant, from: Peer, m: Message) {
         if let Some(call) = self.calls.get(&m.call_id) {
-            // A retransmitted INVITE: repeat whatever we last answered.
-            if let Some(last) = call.last_response.clone() {
-                self.send(from, last);
+            // A caller retrying a refused INVITE with a new CSeq (with credentials, after our
+            // 401) is a new transaction; its arrival implies the refusal's ACK.
+            let retry = call.state == State::Rejected
+                && call.invite.as_ref().is_some_and(|refused| refused.cseq != m.cseq);
+            if !retry {
+                // A retransmitted INVITE: repeat whatever we last answered.
+                if let Some(last) = call.last_response.clone() {
+                    self.send(from, last);
+                }
+                return;
             }
-            return;
+            self.calls.remove(&m.call_id);
         }
         let local_tag = self.next_id();
+        let request_uri = match &m.start {
+            StartLine::Request { uri, .. } => uri.clone(),
+            StartLine::Response { .. } => String::new(),
+        };
+        if !self.allowed.allows(&request_uri) {
+            // The number is not logged: it may be a patient's.
+            tracing::info!(%from, "refused an INVITE to a destination outside --sip-allow (403)");
+            return self.refuse(now, from, m, local_tag, 403, Vec::new());
+        }
+        if let Some(auth) = &self.caller_auth {
+            match auth.check(now, "INVITE", &request_uri, m.authorization.as_deref()) {
+                Verdict::Authorized { .. } => {}
+                Verdict::Challenge(values) => {
+                    let headers = values.into_iter().map(|v| ("WWW-Authenticate", v)).collect();
+                    return self.refuse(now, from, m, local_tag, 401, headers);
+                }
+            }
+        }
         let remote = match sdp::negotiate(&m.body) {
             Ok(remote) => remote,
-            Err(e) => return self.refuse_offer(now, from, m, local_tag, e),
+            Err(e) => {
+                tracing::info!(%from, "refused an INVITE: {e}");
+                return self.refuse(now, from, m, local_tag, 488, Vec::new());
+            }
         };
         let trying = message::response(&m, 100, None, &[], None);
         self.send(from, trying.clone());
@@ -624,6 +851,7 @@ impl Endpoint {
             local_tag,
             remote_party: m.from.clone(),
             remote_target: m.contact_uri().unwrap_or_default().to_string(),
+            route_set: m.record_route.clone(),
             local_cseq: 0,
             last_response: Some(trying),
             retransmit: None,
@@ -642,24 +870,25 @@ impl Endpoint {
 
     fn local_media(&mut self, port: u16) -> LocalMedia {
         LocalMedia {
-            ip: self.local.media_ip,
+            ip: self.local.addresses.media_ip,
             port,
             version: 1,
             session_id: splitmix64(self.seed ^ self.counter) >> 12,
         }
     }
 
-    /// An offer we cannot take: 488, retransmitted until the ACK like any final response.
-    fn refuse_offer(
+    /// An INVITE we do not take (`code`: 401, 403, 488), retransmitted until the ACK like any
+    /// final response.
+    fn refuse(
         &mut self,
         now: Instant,
-        from: SocketAddr,
+        from: Peer,
         m: Message,
         local_tag: String,
-        error: SdpError,
+        code: u16,
+        headers: Vec<(&str, String)>,
     ) {
-        tracing::info!(%from, "refused an INVITE: {error}");
-        let response = message::response(&m, 488, Some(&local_tag), &[], None);
+        let response = message::response(&m, code, Some(&local_tag), &headers, None);
         self.send(from, response.clone());
         let call = Call {
             state: State::Rejected,
@@ -668,13 +897,15 @@ impl Endpoint {
             local_tag,
             remote_party: m.from.clone(),
             remote_target: String::new(),
+            route_set: Vec::new(),
             local_cseq: 0,
             last_response: Some(response.clone()),
             retransmit: Some(Retransmit::new(now, response, from, Some(T2))),
             request: None,
             local_media: self.local_media(0),
             remote: None,
-            invite: None,
+            // Kept to tell the caller's retry (a new CSeq) from a retransmission.
+            invite: Some(m.clone()),
             transfer: None,
         };
         self.calls.insert(m.call_id, call);
@@ -682,10 +913,11 @@ impl Endpoint {
 
     /// Answers an offered call with our media on `media_port`: 180, then 200 with the SDP.
     pub fn accept(&mut self, now: Instant, id: &str, media_port: u16) {
-        let contact = self.contact();
+        let local = self.local;
         let Some(call) = self.calls.get_mut(id) else {
             return;
         };
+        let contact = contact_of(&local, call.peer.transport);
         let (Some(invite), Some(remote)) = (call.invite.as_ref(), call.remote.as_ref()) else {
             return;
         };
@@ -706,7 +938,7 @@ impl Endpoint {
         );
         call.state = State::Answered;
         call.last_response = Some(ok.clone());
-        call.retransmit = Some(Retransmit::new(now, ok.clone(), call.peer, Some(T2)));
+        call.retransmit = Some(Retransmit::until_acked(now, ok.clone(), call.peer));
         let peer = call.peer;
         self.send(peer, ringing);
         self.send(peer, ok);
@@ -736,7 +968,7 @@ impl Endpoint {
         self.send(peer, response);
     }
 
-    fn handle_reinvite(&mut self, now: Instant, from: SocketAddr, m: Message) {
+    fn handle_reinvite(&mut self, now: Instant, from: Peer, m: Message) {
         let Some(call) = self.calls.get_mut(&m.call_id) else {
             self.send(from, message::response(&m, 481, None, &[], None));
             return;
@@ -753,7 +985,8 @@ impl Endpoint {
             self.send(from, message::response(&m, 491, None, &[], None));
             return;
         }
-        let remote = match sdp::negotiate(&m.body) {
+        let current = call.remote.as_ref().map(|r| r.codec);
+        let remote = match sdp::negotiate_keeping(&m.body, current) {
             Ok(remote) => remote,
             Err(e) => {
                 tracing::info!(%from, "refused a re-INVITE: {e}");
@@ -763,13 +996,13 @@ impl Endpoint {
         };
         call.local_media.version += 1;
         let answer = sdp::answer(&call.local_media, &remote);
-        let contact = format!("<{}>", contact_of(&self.local));
+        let contact = format!("<{}>", contact_of(&self.local, from.transport));
         let ok = message::response(&m, 200, None, &[("Contact", contact)], Some(&answer));
         call.state = State::Answered;
         call.remote = Some(remote.clone());
         call.invite = Some(m.clone());
         call.last_response = Some(ok.clone());
-        call.retransmit = Some(Retransmit::new(now, ok.clone(), from, Some(T2)));
+        call.retransmit = Some(Retransmit::until_acked(now, ok.clone(), from));
         self.send(from, ok);
         self.events.push_back(Event::MediaChanged {
             call: m.call_id,
@@ -793,7 +1026,7 @@ impl Endpoint {
         }
     }
 
-    fn handle_cancel(&mut self, now: Instant, from: SocketAddr, m: &Message) {
+    fn handle_cancel(&mut self, now: Instant, from: Peer, m: &Message) {
         let Some(call) = self.calls.get_mut(&m.call_id) else {
             self.send(from, message::response(m, 481, None, &[], None));
             return;
@@ -823,7 +1056,7 @@ impl Endpoint {
         self.end(&m.call_id, EndReason::Cancelled);
     }
 
-    fn handle_bye(&mut self, now: Instant, from: SocketAddr, m: &Message) {
+    fn handle_bye(&mut self, now: Instant, from: Peer, m: &Message) {
         if let Some((answer, _, _)) = self.ended.get(&m.call_id) {
             let answer = answer.clone();
             self.send(from, answer);
@@ -846,7 +1079,7 @@ impl Endpoint {
         }
     }
 
-    fn handle_response(&mut self, now: Instant, from: SocketAddr, code: u16, m: Message) {
+    fn handle_response(&mut self, now: Instant, from: Peer, code: u16, m: Message) {
         if m.cseq_method == "REFER" {
             return self.handle_refer_response(now, code, &m);
         }
@@ -891,7 +1124,7 @@ impl Endpoint {
     }
 
     /// A 2xx to our INVITE (or its retransmission): ACK it; the first time, media may start.
-    fn handle_invite_ok(&mut self, now: Instant, from: SocketAddr, m: Message) {
+    fn handle_invite_ok(&mut self, now: Instant, from: Peer, m: Message) {
         let local = self.local;
         let branch = self.next_id();
         let Some(call) = self.calls.get_mut(&m.call_id) else {
@@ -901,11 +1134,15 @@ impl Endpoint {
         if let Some(target) = m.contact_uri() {
             call.remote_target = target.to_string();
         }
+        if call.state == State::Calling {
+            // The callee's side lists the proxies from itself to us (section 12.1.2).
+            call.route_set = m.record_route.iter().rev().cloned().collect();
+        }
         call.peer = from;
         let ack = OutgoingRequest {
             method: "ACK",
             uri: &call.remote_target,
-            via: via(&local, &branch),
+            via: via(&local, from.transport, &branch),
             from: &call.local_party,
             to: &call.remote_party,
             call_id: &m.call_id,
@@ -913,7 +1150,7 @@ impl Endpoint {
             contact: None,
             body: None,
         }
-        .to_bytes();
+        .to_bytes_with(&route_headers(&call.route_set));
         let first = call.state == State::Calling;
         call.state = State::Confirmed;
         call.retransmit = None;
@@ -945,7 +1182,7 @@ impl Endpoint {
         OutgoingRequest {
             method: "ACK",
             uri: &call.remote_target,
-            via: via(&self.local, branch),
+            via: via(&self.local, call.peer.transport, branch),
             from: &call.local_party,
             to: &response.to,
             call_id: &response.call_id,
@@ -958,20 +1195,30 @@ impl Endpoint {
 
     /// Starts an outbound call to `uri` (`sip:user@host:port`) at `peer`, offering media on
     /// `media_port`. Returns its Call-ID; [`Event::Answered`] or [`Event::Ended`] follow.
-    pub fn call(&mut self, now: Instant, uri: &str, peer: SocketAddr, media_port: u16) -> CallId {
+    pub fn call(
+        &mut self,
+        now: Instant,
+        uri: &str,
+        peer: impl Into<Peer>,
+        media_port: u16,
+    ) -> CallId {
+        let peer = peer.into();
         let call_id = format!("{}@talkline", self.next_id());
         let local_tag = self.next_id();
         let branch = self.next_id();
-        let local_party = format!("<sip:talkline@{}>;tag={local_tag}", self.local.sip);
+        let local_party = format!(
+            "<sip:talkline@{}>;tag={local_tag}",
+            self.local.addresses.sip
+        );
         let remote_party = format!("<{uri}>");
         let mut local_media = self.local_media(media_port);
         local_media.port = media_port;
         let offer = sdp::offer(&local_media);
-        let contact = self.contact();
+        let contact = contact_of(&self.local, peer.transport);
         let invite = OutgoingRequest {
             method: "INVITE",
             uri,
-            via: via(&self.local, &branch),
+            via: via(&self.local, peer.transport, &branch),
             from: &local_party,
             to: &remote_party,
             call_id: &call_id,
@@ -987,6 +1234,7 @@ impl Endpoint {
             local_party,
             remote_party,
             remote_target: uri.to_string(),
+            route_set: Vec::new(),
             local_cseq: 1,
             invite: None,
             last_response: None,
@@ -1014,15 +1262,14 @@ impl Endpoint {
             return false;
         }
         call.local_cseq += 1;
-        let contact = contact_of(&local);
-        let headers = [
-            ("Refer-To", format!("<{target}>")),
-            ("Referred-By", format!("<{contact}>")),
-        ];
+        let contact = contact_of(&local, call.peer.transport);
+        let mut headers = route_headers(&call.route_set);
+        headers.push(("Refer-To", format!("<{target}>")));
+        headers.push(("Referred-By", format!("<{contact}>")));
         let refer = OutgoingRequest {
             method: "REFER",
             uri: &call.remote_target,
-            via: via(&local, &branch),
+            via: via(&local, call.peer.transport, &branch),
             from: &call.local_party,
             to: &call.remote_party,
             call_id: id,
@@ -1069,7 +1316,7 @@ impl Endpoint {
 
     /// The progress of our transfer (RFC 3515 section 2.4.5): the sipfrag's status line is the
     /// transferee's call to the target; a 2xx there means the target answered.
-    fn handle_notify(&mut self, now: Instant, from: SocketAddr, m: &Message) {
+    fn handle_notify(&mut self, now: Instant, from: Peer, m: &Message) {
         let Some(call) = self.calls.get_mut(&m.call_id) else {
             self.send(from, message::response(m, 481, None, &[], None));
             return;
@@ -1142,7 +1389,7 @@ impl Endpoint {
         let bye = OutgoingRequest {
             method: "BYE",
             uri: &call.remote_target,
-            via: via(&local, &branch),
+            via: via(&local, call.peer.transport, &branch),
             from: &call.local_party,
             to: &call.remote_party,
             call_id: id,
@@ -1150,17 +1397,18 @@ impl Endpoint {
             contact: None,
             body: None,
         }
-        .to_bytes();
+        .to_bytes_with(&route_headers(&call.route_set));
         call.state = State::Terminating;
         call.request = Some((branch, call.local_cseq));
         call.retransmit = Some(Retransmit::new(now, bye.clone(), call.peer, Some(T2)));
         let peer = call.peer;
         self.send(peer, bye);
     }
+}
 
-    fn contact(&self) -> String {
-        contact_of(&self.local)
-    }
+/// A dialog's route set as the Route headers of a request in it, in order.
+fn route_headers(route_set: &[String]) -> Vec<(&'static str, String)> {
+    route_set.iter().map(|route| ("Route", route.clone())).collect()
 }
 
 /// The status code of a `message/sipfrag` body's status line (`SIP/2.0 200 OK`).
@@ -1171,12 +1419,31 @@ fn sipfrag_status(body: &[u8]) -> Option<u16> {
     code.parse().ok().filter(|c| (100..700).contains(c))
 }
 
-fn contact_of(local: &LocalAddresses) -> String {
-    format!("sip:talkline@{}", local.sip)
+/// Where we listen for `transport`: UDP and TCP share the SIP address, TLS has its own.
+fn sent_by(local: &Local, transport: Transport) -> SocketAddr {
+    match (transport, local.tls) {
+        (Transport::Tls, Some(tls)) => tls,
+        _ => local.addresses.sip,
+    }
 }
 
-fn via(local: &LocalAddresses, branch: &str) -> String {
-    format!("SIP/2.0/UDP {};branch=z9hG4bK{branch};rport", local.sip)
+/// Our Contact for a dialog over `transport`: a stream transport is named, so the peer's
+/// in-dialog requests come back over it (RFC 3263 section 4.1).
+fn contact_of(local: &Local, transport: Transport) -> String {
+    let addr = sent_by(local, transport);
+    match transport {
+        Transport::Udp => format!("sip:talkline@{addr}"),
+        Transport::Tcp => format!("sip:talkline@{addr};transport=tcp"),
+        Transport::Tls => format!("sip:talkline@{addr};transport=tls"),
+    }
+}
+
+fn via(local: &Local, transport: Transport, branch: &str) -> String {
+    format!(
+        "SIP/2.0/{} {};branch=z9hG4bK{branch};rport",
+        transport.via_token(),
+        sent_by(local, transport)
+    )
 }
 
 /// A well-mixed 64-bit hash (Steele et al.'s SplitMix64): unique-looking identifiers from a
@@ -1266,6 +1533,264 @@ mod tests {
         assert_eq!(ok.code(), Some(200));
         assert!(String::from_utf8_lossy(&ok.body).contains("m=audio 30000 RTP/AVP 0 101"));
         ok.to_tag().expect("a To tag").to_string()
+    }
+
+    #[test]
+    fn an_invite_to_a_destination_off_the_allow_list_gets_403() {
+        let mut e = endpoint();
+        let allowed = DestinationAllowList::new(&["nurse@*".into()]).expect("a valid pattern");
+        e.set_policy(allowed, None);
+        let t0 = Instant::now();
+        e.handle_datagram(t0, peer(), &request("INVITE", 1, None, OFFER));
+        assert_eq!(drain(&mut e), ["SIP/2.0 403 Forbidden"]);
+        // Retransmitted until the ACK, like any final answer to an INVITE.
+        e.handle_timeout(t0 + T1);
+        assert_eq!(drain(&mut e), ["SIP/2.0 403 Forbidden"]);
+        e.handle_datagram(t0 + T1, peer(), &request("ACK", 1, None, ""));
+        assert_eq!(e.active_calls(), 0);
+
+        let mut e = endpoint();
+        let allowed = DestinationAllowList::new(&["agent@*".into()]).expect("a valid pattern");
+        e.set_policy(allowed, None);
+        e.handle_datagram(t0, peer(), &request("INVITE", 1, None, OFFER));
+        assert_eq!(drain(&mut e), ["SIP/2.0 100 Trying", "Incoming"]);
+    }
+
+    /// `request` with an `Authorization` header answering `challenge` as `user`.
+    fn invite_with_credentials(cseq: u32, challenge: &str, user: &str, password: &str) -> Vec<u8> {
+        let challenge = digest::parse_challenge(challenge).expect("our challenge parses");
+        let value = digest::authorization(
+            &challenge,
+            &digest::Request {
+                method: "INVITE",
+                uri: "sip:agent@127.0.0.1",
+                username: user,
+                password,
+                cnonce: "c0ffee",
+                nc: 1,
+            },
+        );
+        let text = String::from_utf8(request("INVITE", cseq, None, OFFER)).expect("ascii");
+        text.replacen(
+            "Max-Forwards: 70\r\n",
+            &format!("Max-Forwards: 70\r\nAuthorization: {value}\r\n"),
+            1,
+        )
+        .into_bytes()
+    }
+
+    #[test]
+    fn callers_answer_a_digest_challenge_before_the_agent_answers() {
+        let t0 = Instant::now();
+        let users = CallerAuth::parse_users("patient:s3cret\n").expect("a users file");
+        let mut e = endpoint();
+        e.set_policy(
+            DestinationAllowList::default(),
+            Some(CallerAuth::new("talkline", users, [1; 32], t0)),
+        );
+        e.handle_datagram(t0, peer(), &request("INVITE", 1, None, OFFER));
+        let challenge = message::parse(&sent(&mut e)[0]).expect("our 401 parses");
+        assert_eq!(challenge.code(), Some(401));
+        let (_, value) = challenge.challenge.expect("a WWW-Authenticate");
+
+        // A wrong password: challenged again, and the call never reaches the agent.
+        let wrong = invite_with_credentials(2, &value, "patient", "guess");
+        e.handle_datagram(t0, peer(), &wrong);
+        assert_eq!(drain(&mut e), ["SIP/2.0 401 Unauthorized"]);
+        // The right one, without an ACK in between: a new transaction, answered.
+        let right = invite_with_credentials(3, &value, "patient", "s3cret");
+        e.handle_datagram(t0, peer(), &right);
+        assert_eq!(drain(&mut e), ["SIP/2.0 100 Trying", "Incoming"]);
+    }
+
+    fn tcp_peer() -> Peer {
+        Peer::new(peer(), Transport::Tcp)
+    }
+
+    /// Every event so far, sent messages with where they went.
+    fn sent_to(e: &mut Endpoint) -> Vec<(Peer, String)> {
+        std::iter::from_fn(|| e.poll_event())
+            .filter_map(|event| match event {
+                Event::Send { to, data } => Some((to, String::from_utf8_lossy(&data).into_owned())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// An INVITE over `from` accepted; returns our To tag and the 200 as sent.
+    fn answered_over(e: &mut Endpoint, t0: Instant, from: Peer) -> (String, String) {
+        e.handle_datagram(t0, from, &request("INVITE", 1, None, OFFER));
+        assert_eq!(drain(e), ["SIP/2.0 100 Trying", "Incoming"]);
+        e.accept(t0, "c1", 30_000);
+        let responses = sent_to(e);
+        assert!(
+            responses.iter().all(|(to, _)| *to == from),
+            "answered where it came from"
+        );
+        let ok = responses[1].1.clone();
+        let tag = message::parse(ok.as_bytes())
+            .expect("our 200 parses")
+            .to_tag()
+            .expect("a To tag")
+            .to_string();
+        (tag, ok)
+    }
+
+    #[test]
+    fn over_tcp_the_2xx_is_still_retransmitted_until_the_ack_and_names_tcp() {
+        let mut e = endpoint();
+        let t0 = Instant::now();
+        let (tag, ok) = answered_over(&mut e, t0, tcp_peer());
+        assert!(
+            ok.contains("Contact: <sip:talkline@127.0.0.1:5060;transport=tcp>\r\n"),
+            "{ok}"
+        );
+        // RFC 3261 13.3.1.4: the 2xx goes again on every transport, T1 doubling up to T2.
+        let mut at = t0;
+        for interval in [500, 1_000, 2_000, 4_000] {
+            at += Duration::from_millis(interval);
+            assert_eq!(e.poll_timeout(), Some(at));
+            e.handle_timeout(at);
+            assert_eq!(drain(&mut e), ["SIP/2.0 200 OK"]);
+        }
+        e.handle_datagram(at, tcp_peer(), &request("ACK", 1, Some(&tag), ""));
+        assert_eq!(e.poll_timeout(), None);
+    }
+
+    #[test]
+    fn over_tcp_our_bye_is_sent_once_and_timer_f_still_ends_it() {
+        let mut e = endpoint();
+        let t0 = Instant::now();
+        let (tag, _) = answered_over(&mut e, t0, tcp_peer());
+        e.handle_datagram(t0, tcp_peer(), &request("ACK", 1, Some(&tag), ""));
+        e.hang_up(t0, "c1");
+        let bye = sent_to(&mut e);
+        assert_eq!(bye.len(), 1);
+        assert_eq!(bye[0].0, tcp_peer());
+        assert!(
+            bye[0]
+                .1
+                .contains("Via: SIP/2.0/TCP 127.0.0.1:5060;branch=z9hG4bK"),
+            "{}",
+            bye[0].1
+        );
+        // No timer E: the next deadline is timer F's.
+        assert_eq!(e.poll_timeout(), Some(t0 + TRANSACTION_TIMEOUT));
+        e.handle_timeout(t0 + T1);
+        assert!(drain(&mut e).is_empty());
+        e.handle_timeout(t0 + TRANSACTION_TIMEOUT);
+        assert!(drain(&mut e).is_empty());
+        assert_eq!(e.active_calls(), 0);
+    }
+
+    #[test]
+    fn over_tcp_a_refusal_is_not_retransmitted_and_timer_h_clears_it() {
+        let mut e = endpoint();
+        let t0 = Instant::now();
+        e.handle_datagram(t0, tcp_peer(), &request("INVITE", 1, None, OFFER));
+        drain(&mut e);
+        e.reject(t0, "c1", true);
+        assert_eq!(drain(&mut e), ["SIP/2.0 503 Service Unavailable"]);
+        assert_eq!(e.poll_timeout(), Some(t0 + TRANSACTION_TIMEOUT));
+        e.handle_timeout(t0 + T1 * 4);
+        assert!(drain(&mut e).is_empty(), "no timer G over TCP");
+        e.handle_timeout(t0 + TRANSACTION_TIMEOUT);
+        assert_eq!(e.active_calls(), 0);
+    }
+
+    #[test]
+    fn over_tcp_an_outbound_invite_has_timer_b_but_not_timer_a() {
+        let mut e = endpoint();
+        let t0 = Instant::now();
+        e.call(t0, "sip:patient@127.0.0.1:5070", tcp_peer(), 30_002);
+        let invite = sent_to(&mut e);
+        assert_eq!(invite.len(), 1);
+        assert!(invite[0].1.contains("Via: SIP/2.0/TCP "), "{}", invite[0].1);
+        assert_eq!(e.poll_timeout(), Some(t0 + TRANSACTION_TIMEOUT));
+        e.handle_timeout(t0 + T1);
+        assert!(drain(&mut e).is_empty());
+        e.handle_timeout(t0 + TRANSACTION_TIMEOUT);
+        assert_eq!(drain(&mut e), ["Ended"]);
+    }
+
+    #[test]
+    fn over_tls_via_and_contact_name_the_tls_listener() {
+        let mut e = endpoint();
+        e.set_tls_address("127.0.0.1:5061".parse().expect("literal"));
+        let t0 = Instant::now();
+        let tls = Peer::new(peer(), Transport::Tls);
+        let (tag, ok) = answered_over(&mut e, t0, tls);
+        assert!(
+            ok.contains("Contact: <sip:talkline@127.0.0.1:5061;transport=tls>\r\n"),
+            "{ok}"
+        );
+        e.handle_datagram(t0, tls, &request("ACK", 1, Some(&tag), ""));
+        e.hang_up(t0, "c1");
+        let bye = sent_to(&mut e);
+        assert_eq!(bye[0].0, tls);
+        assert!(
+            bye[0].1.contains("Via: SIP/2.0/TLS 127.0.0.1:5061;branch="),
+            "{}",
+            bye[0].1
+        );
+        // A UDP dialog beside it still names UDP and the shared address.
+        let mut udp = endpoint();
+        udp.set_tls_address("127.0.0.1:5061".parse().expect("literal"));
+        let (_, ok) = answered_over(&mut udp, t0, Peer::from(peer()));
+        assert!(
+            ok.contains("Contact: <sip:talkline@127.0.0.1:5060>\r\n"),
+            "{ok}"
+        );
+    }
+
+    fn options_from(n: u32) -> Vec<u8> {
+        String::from_utf8_lossy(&request("OPTIONS", n, None, ""))
+            .replace("Call-ID: c1\r\n", &format!("Call-ID: o{n}\r\n"))
+            .into_bytes()
+    }
+
+    #[test]
+    fn a_flood_is_dropped_unanswered_but_calls_in_progress_keep_their_requests() {
+        let mut e = endpoint();
+        let t0 = Instant::now();
+        // A call from the same address that then floods (a PBX gone wrong).
+        let tag = answered_call(&mut e, t0);
+        for n in 0..200 {
+            e.handle_datagram(t0, peer(), &options_from(n));
+        }
+        let answered = drain(&mut e).len();
+        // The INVITE took one token.
+        assert_eq!(answered, super::super::throttle::BURST as usize - 1);
+        assert_eq!(e.take_throttled(), 200 - answered as u64);
+        assert_eq!(e.take_throttled(), 0);
+        // The call's own requests are never metered.
+        e.handle_datagram(t0, peer(), &request("ACK", 1, Some(&tag), ""));
+        e.handle_datagram(t0, peer(), &request("BYE", 2, Some(&tag), ""));
+        assert_eq!(drain(&mut e), ["SIP/2.0 200 OK", "Ended"]);
+        // A retransmitted BYE of the ended call neither.
+        e.handle_datagram(t0, peer(), &request("BYE", 2, Some(&tag), ""));
+        assert_eq!(drain(&mut e), ["SIP/2.0 200 OK"]);
+        // A new call from the flooder is dropped; one from elsewhere is answered.
+        let new_call = String::from_utf8_lossy(&request("INVITE", 1, None, OFFER))
+            .replace("Call-ID: c1", "Call-ID: c2");
+        e.handle_datagram(t0, peer(), new_call.as_bytes());
+        assert!(drain(&mut e).is_empty());
+        assert_eq!(e.take_throttled(), 1);
+        let elsewhere: SocketAddr = "127.0.0.2:5070".parse().expect("literal");
+        e.handle_datagram(t0, elsewhere, new_call.as_bytes());
+        assert_eq!(drain(&mut e), ["SIP/2.0 100 Trying", "Incoming"]);
+        // The flooder's rate comes back with time.
+        e.handle_datagram(t0 + Duration::from_secs(1), peer(), &options_from(999));
+        assert_eq!(drain(&mut e), ["SIP/2.0 200 OK"]);
+        // Malformed requests that would be answered are metered too; a flood of them gets
+        // no 400s.
+        let no_call_id = String::from_utf8_lossy(&options_from(7)).replace("Call-ID: o7\r\n", "");
+        let mut answers = 0;
+        for _ in 0..100 {
+            e.handle_datagram(t0 + Duration::from_secs(1), peer(), no_call_id.as_bytes());
+            answers += drain(&mut e).len();
+        }
+        assert!(answers < 25, "{answers} answers to 100 malformed requests");
     }
 
     #[test]
@@ -1436,6 +1961,57 @@ mod tests {
         e.handle_datagram(t0 + T1, peer(), &answer);
         assert_eq!(e.active_calls(), 0);
         assert_eq!(e.poll_timeout(), None);
+    }
+
+    /// Behind a record-routing proxy (kamailio's dispatcher): our answer copies the INVITE's
+    /// Record-Route, so the caller's ACK and BYE come back through the proxy, and our own BYE
+    /// carries the route set as Route headers, in order, to the proxy it came from.
+    #[test]
+    fn a_record_routed_call_keeps_its_route_set_for_our_bye() {
+        const ROUTES: &str = "Record-Route: <sip:10.0.0.1:5060;lr;ftag=p1>\r\n\
+            Record-Route: <sip:10.0.0.2;lr>, <sip:10.0.0.3;lr>\r\n";
+        let routes = [
+            "<sip:10.0.0.1:5060;lr;ftag=p1>",
+            "<sip:10.0.0.2;lr>",
+            "<sip:10.0.0.3;lr>",
+        ];
+        let headers = |text: &str, name: &str| -> Vec<String> {
+            let prefix = format!("{name}: ");
+            text.lines()
+                .filter_map(|l| l.strip_prefix(prefix.as_str()))
+                .map(str::to_string)
+                .collect()
+        };
+        let mut e = endpoint();
+        let t0 = Instant::now();
+        let invite = String::from_utf8(request("INVITE", 1, None, OFFER)).expect("ascii");
+        let invite = invite.replacen(
+            "Max-Forwards: 70\r\n",
+            &format!("Max-Forwards: 70\r\n{ROUTES}"),
+            1,
+        );
+        e.handle_datagram(t0, peer(), invite.as_bytes());
+        assert_eq!(drain(&mut e), ["SIP/2.0 100 Trying", "Incoming"]);
+        e.accept(t0, "c1", 30_000);
+        let answers = sent(&mut e);
+        assert_eq!(answers.len(), 2, "180 and 200");
+        for answer in &answers {
+            let answer = String::from_utf8_lossy(answer);
+            assert_eq!(headers(&answer, "Record-Route"), routes, "{answer}");
+        }
+        let ok = message::parse(&answers[1]).expect("our 200 parses");
+        let tag = ok.to_tag().expect("a To tag");
+        e.handle_datagram(t0, peer(), &request("ACK", 1, Some(tag), ""));
+        e.hang_up(t0, "c1");
+        let events: Vec<Event> = std::iter::from_fn(|| e.poll_event()).collect();
+        let [Event::Send { to, data }, Event::Ended { .. }] = &events[..] else {
+            panic!("a BYE expected: {events:?}");
+        };
+        assert_eq!(to.addr, peer(), "the BYE goes to the proxy");
+        let bye = String::from_utf8_lossy(data);
+        let request_line = format!("BYE sip:patient@{PEER} SIP/2.0");
+        assert!(bye.starts_with(&request_line), "{bye}");
+        assert_eq!(headers(&bye, "Route"), routes, "{bye}");
     }
 
     #[test]
@@ -1728,6 +2304,28 @@ mod tests {
         let again = message::parse(&sent(&mut e)[0]).expect("a refresh");
         assert_eq!(again.cseq, second.cseq + 1);
         assert_eq!(again.call_id, first.call_id);
+    }
+
+    #[test]
+    fn unregistering_asks_for_expires_0_answers_the_challenge_and_ends() {
+        let mut e = endpoint();
+        let t0 = Instant::now();
+        let first = registering(&mut e, t0);
+        e.handle_datagram(t0, peer(), &message::response(&first, 200, Some("r"), &[], None));
+        assert!(e.has_registration());
+        e.unregister(t0);
+        let removal = sent(&mut e);
+        let text = String::from_utf8_lossy(&removal[0]).into_owned();
+        assert!(text.contains("Expires: 0\r\n"), "{text}");
+        let removal = message::parse(&removal[0]).expect("parses");
+        e.handle_datagram(t0, peer(), &challenge(&removal, 401, "n9", false));
+        let answered = sent(&mut e);
+        let text = String::from_utf8_lossy(&answered[0]).into_owned();
+        assert!(text.contains("Expires: 0\r\n") && text.contains("Authorization: Digest"), "{text}");
+        let answered = message::parse(&answered[0]).expect("parses");
+        e.handle_datagram(t0, peer(), &message::response(&answered, 200, Some("r"), &[], None));
+        assert!(!e.has_registration());
+        assert_eq!(e.poll_timeout(), None, "no refresh after the binding is gone");
     }
 
     #[test]

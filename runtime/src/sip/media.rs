@@ -1,8 +1,10 @@
-//! One call's media: an RTP socket, G.711 both ways, and the session between them.
+//! One call's media: an RTP socket, G.711 or Opus both ways, and the session between them.
 //!
-//! In: RTP -> jitter buffer (reorder, duplicates, late, loss -> G.711 silence) -> G.711 decode
-//! -> 8 -> 16 kHz -> the session. Out: the session's paced 20 ms frames at 8 kHz -> G.711 -> RTP,
-//! to where the peer's RTP comes from once it has come (symmetric RTP), else to its SDP address.
+//! In: RTP -> jitter buffer (reorder, duplicates, late, loss -> G.711 silence or Opus
+//! concealment) -> decode -> 16 kHz (G.711 is resampled from 8 kHz; Opus is decoded at 16 kHz)
+//! -> the session. Out: the session's paced 20 ms frames at the codec's rate -> G.711 or Opus ->
+//! RTP, to where the peer's RTP comes from once it has come (symmetric RTP), else to its SDP
+//! address.
 //! RFC 4733 telephone events become keys for the session's agent; no RTP for `media_timeout` ends
 //! the call.
 
@@ -18,15 +20,19 @@ use tokio_util::task::TaskTracker;
 
 use super::g711::Law;
 use super::rtp::{self, DtmfDetector, RtpSender};
-use super::sdp::RemoteMedia;
+use super::sdp::{Codec, RemoteMedia};
 use crate::jitter::{JitterBuffer, Playout};
 use crate::session::{self, SessionOutput, Shared};
 
 /// Telephone audio: G.711 at 8 kHz.
 pub const RATE: u32 = 8_000;
-/// 20 ms at 8 kHz: one RTP packet.
+/// 20 ms at 8 kHz: one G.711 RTP packet.
 const FRAME_SAMPLES: usize = 160;
 const FRAME: Duration = Duration::from_millis(20);
+/// One Opus packet decodes to at most 120 ms; at 16 kHz, 1,920 samples.
+const MAX_OPUS_FRAME: usize = 1_920;
+/// 20 ms of Opus at 16 kHz ([`Codec::audio_rate`]): what one packet we send carries.
+const OPUS_FRAME_SAMPLES: usize = 320;
 /// How long a gap in the RTP sequence is waited for before it is concealed. Phones pace their
 /// packets evenly; a packet more than three frames late is as good as lost for a conversation.
 const JITTER_DELAY_S: f64 = 0.06;
@@ -75,9 +81,11 @@ pub async fn run(
     let session_cancel = cancel.child_token();
     // RFC 4733 keys go to the session's agent (a PIN, a menu choice); never to a log.
     let (dtmf, keys) = mpsc::channel::<char>(DTMF_QUEUE);
+    // The call's audio rate is the first codec's; a re-INVITE keeps the codec family.
+    let audio_rate = remote.borrow().codec.audio_rate();
     let session = tasks.spawn(session::run_with_keys(
         shared,
-        RATE,
+        audio_rate,
         input_rx,
         Some(keys),
         output_tx,
@@ -140,7 +148,15 @@ impl Receiver {
     async fn run(self, media_timeout: Duration, stop: CancellationToken) -> bool {
         let start = Instant::now();
         let mut jitter = JitterBuffer::<Vec<u8>>::new(JITTER_DELAY_S);
-        let mut resampler = match To16k::new(RATE) {
+        let codec = self.remote.borrow().codec;
+        let mut decoder = match PayloadDecoder::new(codec) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(call = %self.name, "no {codec:?} decoder: {e}");
+                return false;
+            }
+        };
+        let mut resampler = match To16k::new(codec.audio_rate()) {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(call = %self.name, "no resampler: {e}");
@@ -171,14 +187,13 @@ impl Receiver {
             if last_rtp.elapsed() >= media_timeout {
                 break true;
             }
-            let law = self.remote.borrow().law;
+            decoder.follow(self.remote.borrow().codec);
             let now = start.elapsed().as_secs_f64();
             while let Some(playout) = jitter.pop(now) {
-                let payload = match playout {
-                    Playout::Packet(p) => p,
-                    Playout::Lost => vec![law.silence(); FRAME_SAMPLES],
+                let Some(samples) = decoder.decode(playout) else {
+                    counts.undecodable += 1;
+                    continue;
                 };
-                let samples = decode(law, &payload);
                 let audio = resampler.push(&samples);
                 if !audio.is_empty() && self.input.try_send(audio).is_err() {
                     counts.input_dropped += 1;
@@ -203,12 +218,12 @@ impl Receiver {
             counts.malformed += 1;
             return false;
         };
-        let (law, dtmf_pt) = {
+        let (codec, dtmf) = {
             let remote = self.remote.borrow();
-            (remote.law, remote.dtmf)
+            (remote.codec, remote.dtmf)
         };
         self.latch(from);
-        if Some(packet.payload_type) == dtmf_pt {
+        if Some(packet.payload_type) == dtmf.map(|(pt, _)| pt) {
             if let Some(digit) = detector.push(packet.timestamp, packet.payload) {
                 // The digit itself may be a patient's date of birth or PIN: never logged.
                 tracing::info!(call = %self.name, "a DTMF digit arrived");
@@ -218,7 +233,7 @@ impl Receiver {
             }
             return true;
         }
-        if packet.payload_type != law.payload_type() {
+        if packet.payload_type != codec.payload_type() {
             counts.other_payload += 1;
             return true;
         }
@@ -239,9 +254,109 @@ impl Receiver {
     }
 }
 
+/// The incoming payloads' decoder, for the codec the call settled on.
+enum PayloadDecoder {
+    G711(Law),
+    Opus {
+        decoder: opus::Decoder,
+        pcm: Vec<f32>,
+        /// The last packet's length: a lost packet is concealed with as much audio.
+        last_frame: usize,
+    },
+}
+
+impl PayloadDecoder {
+    fn new(codec: Codec) -> Result<Self, opus::Error> {
+        Ok(match codec {
+            Codec::G711(law) => PayloadDecoder::G711(law),
+            Codec::Opus { .. } => PayloadDecoder::Opus {
+                decoder: opus::Decoder::new(codec.audio_rate(), opus::Channels::Mono)?,
+                pcm: vec![0.0; MAX_OPUS_FRAME],
+                last_frame: codec.audio_rate() as usize / 50,
+            },
+        })
+    }
+
+    /// A re-INVITE may switch between PCMU and PCMA; Opus stays Opus (the SDP layer refuses
+    /// other switches, since the session's rate is the first codec's).
+    fn follow(&mut self, codec: Codec) {
+        if let (PayloadDecoder::G711(law), Codec::G711(now)) = (&mut *self, codec) {
+            *law = now;
+        }
+    }
+
+    /// One packet's audio (or its concealment); `None` when it does not decode.
+    fn decode(&mut self, playout: Playout<Vec<u8>>) -> Option<Vec<f32>> {
+        match (self, playout) {
+            (PayloadDecoder::G711(law), Playout::Packet(payload)) => Some(decode(*law, &payload)),
+            (PayloadDecoder::G711(_), Playout::Lost) => Some(vec![0.0; FRAME_SAMPLES]),
+            (PayloadDecoder::Opus { decoder, pcm, last_frame }, playout) => {
+                let decoded = match playout {
+                    Playout::Packet(payload) => decoder.decode_float(&payload, pcm, false),
+                    // Opus packet loss concealment: an empty packet asks for one frame of it.
+                    Playout::Lost => decoder.decode_float(&[], &mut pcm[..*last_frame], false),
+                };
+                let n = decoded.ok()?;
+                *last_frame = n.clamp(1, MAX_OPUS_FRAME);
+                Some(pcm[..n].to_vec())
+            }
+        }
+    }
+}
+
+/// The agent's frames as payloads of the call's codec.
+enum PayloadEncoder {
+    G711(Law),
+    Opus {
+        encoder: Box<opus::Encoder>,
+        packet: Vec<u8>,
+    },
+}
+
+impl PayloadEncoder {
+    fn new(codec: Codec) -> Result<Self, opus::Error> {
+        Ok(match codec {
+            Codec::G711(law) => PayloadEncoder::G711(law),
+            Codec::Opus { .. } => {
+                let mut encoder = opus::Encoder::new(
+                    codec.audio_rate(),
+                    opus::Channels::Mono,
+                    opus::Application::Voip,
+                )?;
+                // The peer's decoder can conceal a lost frame from the next one's FEC.
+                encoder.set_inband_fec(true)?;
+                PayloadEncoder::Opus {
+                    encoder: Box::new(encoder),
+                    packet: vec![0; MAX_RTP],
+                }
+            }
+        })
+    }
+
+    fn encode(&mut self, samples: &[f32]) -> Option<Vec<u8>> {
+        match self {
+            PayloadEncoder::G711(law) => Some(encode(*law, samples)),
+            PayloadEncoder::Opus { encoder, packet } => {
+                // Opus codes whole 20 ms frames; the session's frames are 20 ms, and a short
+                // last one is padded with silence.
+                let mut frame = samples.to_vec();
+                frame.resize(OPUS_FRAME_SAMPLES, 0.0);
+                match encoder.encode_float(&frame, packet) {
+                    Ok(n) => Some(packet[..n].to_vec()),
+                    Err(e) => {
+                        tracing::warn!("Opus encoding failed: {e}");
+                        None
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[derive(Default)]
 struct Counts {
     malformed: u64,
+    undecodable: u64,
     other_payload: u64,
     input_dropped: u64,
     dtmf_dropped: u64,
@@ -256,6 +371,7 @@ impl Counts {
             late = jitter.late,
             duplicates = jitter.duplicates,
             malformed = self.malformed,
+            undecodable = self.undecodable,
             other_payload = self.other_payload,
             input_dropped = self.input_dropped,
             dtmf_dropped = self.dtmf_dropped,
@@ -289,8 +405,13 @@ async fn send_agent_audio(
     stop: CancellationToken,
 ) {
     let seed = stream_seed(&socket);
-    let mut law = remote.borrow().law;
-    let mut sender = RtpSender::new(law.payload_type(), seed);
+    let mut codec = remote.borrow().codec;
+    let mut encoder = match PayloadEncoder::new(codec) {
+        Ok(e) => e,
+        Err(e) => return tracing::warn!("no {codec:?} encoder: {e}"),
+    };
+    let audio_rate = codec.audio_rate();
+    let mut sender = RtpSender::new(codec.payload_type(), seed);
     let mut last_sent: Option<Instant> = None;
     loop {
         let out = tokio::select! {
@@ -310,31 +431,49 @@ async fn send_agent_audio(
             // Other events (turn metrics) are for clients that have a data channel.
             SessionOutput::Clear | SessionOutput::Event(_) => continue,
         };
-        let (current_law, target, sending) = {
+        let (current, target, sending) = {
             let media = remote.borrow();
             let target = latched
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .unwrap_or(media.rtp);
-            (media.law, target, media.peer_receives())
+            (media.codec, target, media.peer_receives())
         };
-        if current_law != law {
-            law = current_law;
-            sender = RtpSender::new(law.payload_type(), seed);
+        if current != codec {
+            if current.audio_rate() != audio_rate {
+                // Not reachable through our SDP answers; a peer answering outside its offer is
+                // not followed.
+                tracing::warn!("the peer switched to {current:?} mid-call; keeping {codec:?}");
+            } else if let Ok(new) = PayloadEncoder::new(current) {
+                codec = current;
+                encoder = new;
+                sender = RtpSender::new(codec.payload_type(), seed);
+            }
         }
+        // RTP timestamps count the codec's clock: 8 kHz for G.711, 48 kHz for Opus.
+        let ticks_per_sample = codec.clock_rate() / audio_rate;
+        let frame_ticks = codec.clock_rate() / 50;
         if let Some(gap) = last_sent.map(|t| t.elapsed()) {
             if gap > FRAME * 2 {
-                let skipped = (gap.as_secs_f64() * RATE as f64) as u32 / FRAME_SAMPLES as u32;
-                sender.skip(skipped.saturating_sub(1) * FRAME_SAMPLES as u32);
+                let skipped = (gap.as_secs_f64() / FRAME.as_secs_f64()) as u32;
+                sender.skip(skipped.saturating_sub(1) * frame_ticks);
             }
         }
         last_sent = Some(Instant::now());
         if !sending {
             // On hold: time passes, nothing is sent.
-            sender.skip(samples.len() as u32);
+            sender.skip(samples.len() as u32 * ticks_per_sample);
             continue;
         }
-        let packet = sender.packet(&encode(law, &samples), samples.len() as u32);
+        let Some(payload) = encoder.encode(&samples) else {
+            continue;
+        };
+        let ticks = match codec {
+            // Padded to a whole frame when encoded.
+            Codec::Opus { .. } => frame_ticks,
+            Codec::G711(_) => samples.len() as u32,
+        };
+        let packet = sender.packet(&payload, ticks);
         if let Err(e) = socket.send_to(&packet, target).await {
             tracing::debug!("RTP send to {target} failed: {e}");
         }

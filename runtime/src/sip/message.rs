@@ -41,10 +41,15 @@ pub struct Message {
     pub cseq: u32,
     pub cseq_method: String,
     pub contact: Option<String>,
+    /// Every `Record-Route` value in order, one route each: the route set of the dialog a
+    /// request sets up (RFC 3261 section 12.1), which our answer copies back.
+    pub record_route: Vec<String>,
     /// A 401's `WWW-Authenticate` (false) or a 407's `Proxy-Authenticate` (true) value.
     pub challenge: Option<(bool, String)>,
     /// The `Expires` header, in seconds.
     pub expires: Option<u32>,
+    /// A request's `Authorization` value: a caller answering our digest challenge.
+    pub authorization: Option<String>,
     /// The `Require` values of a request we answer 420: its response lists them in
     /// `Unsupported` (RFC 3261 section 8.2.2.3).
     pub unsupported: Option<String>,
@@ -199,6 +204,7 @@ fn parse_strict(datagram: &[u8]) -> Option<Result<Message, Malformed>> {
             Header::CallId(v) => fields.call_id = Some(v.value().to_string()),
             Header::CSeq(v) => fields.cseq = Some(v.value().to_string()),
             Header::Contact(v) => fields.contact = Some(v.value().to_string()),
+            Header::RecordRoute(v) => fields.record_route.extend(routes(v.value())),
             // The first Digest challenge is the one answered; registrars list their preferred
             // algorithm first (RFC 8760 section 2.4).
             Header::WwwAuthenticate(v) if fields.challenge.is_none() => {
@@ -208,6 +214,9 @@ fn parse_strict(datagram: &[u8]) -> Option<Result<Message, Malformed>> {
                 fields.challenge = Some((true, v.value().to_string()))
             }
             Header::Expires(v) => fields.expires = v.value().trim().parse().ok(),
+            Header::Authorization(v) if fields.authorization.is_none() => {
+                fields.authorization = Some(v.value().to_string())
+            }
             _ => {}
         }
     }
@@ -222,8 +231,10 @@ struct Fields {
     call_id: Option<String>,
     cseq: Option<String>,
     contact: Option<String>,
+    record_route: Vec<String>,
     challenge: Option<(bool, String)>,
     expires: Option<u32>,
+    authorization: Option<String>,
     unsupported: Option<String>,
 }
 
@@ -239,8 +250,10 @@ impl Fields {
             cseq: number.trim().parse().ok().filter(|&n: &u32| n < 1 << 31)?,
             cseq_method: method.trim().to_ascii_uppercase(),
             contact: self.contact,
+            record_route: self.record_route,
             challenge: self.challenge,
             expires: self.expires,
+            authorization: self.authorization,
             unsupported: self.unsupported,
             body,
             vias: self.vias,
@@ -258,6 +271,7 @@ impl Fields {
             .into_iter()
             .chain(&message.vias)
             .chain(&message.contact)
+            .chain(&message.record_route)
             .all(|v| !v.contains(['\r', '\n']));
         (clean && !message.vias.is_empty() && !message.call_id.is_empty()).then_some(message)
     }
@@ -275,8 +289,10 @@ impl Fields {
             cseq: parts.next().and_then(|n| n.parse().ok()).unwrap_or(0),
             cseq_method: parts.next().unwrap_or_default().to_ascii_uppercase(),
             contact: self.contact,
+            record_route: self.record_route,
             challenge: self.challenge,
             expires: self.expires,
+            authorization: self.authorization,
             unsupported: self.unsupported,
             body: Vec::new(),
             vias: self.vias,
@@ -454,6 +470,7 @@ impl<'a> Raw<'a> {
                 "call-id" => fields.call_id = Some(value),
                 "cseq" => fields.cseq = Some(value),
                 "contact" if fields.contact.is_none() => fields.contact = Some(value),
+                "record-route" => fields.record_route.extend(routes(&value)),
                 "www-authenticate" if fields.challenge.is_none() => {
                     fields.challenge = Some((false, value))
                 }
@@ -461,6 +478,9 @@ impl<'a> Raw<'a> {
                     fields.challenge = Some((true, value))
                 }
                 "expires" => fields.expires = value.parse().ok(),
+                "authorization" if fields.authorization.is_none() => {
+                    fields.authorization = Some(value)
+                }
                 _ => {}
             }
         }
@@ -624,6 +644,15 @@ fn has_ctl_outside_quotes(value: &str) -> bool {
 /// RFC 3261's `token` characters.
 fn is_token_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"-.!%*_+`'~".contains(&b)
+}
+
+/// The routes of one `Record-Route` (or `Route`) header: a comma-separated list.
+fn routes(value: &str) -> impl Iterator<Item = String> + '_ {
+    split_outside(value, ',')
+        .into_iter()
+        .map(str::trim)
+        .filter(|route| !route.is_empty())
+        .map(str::to_string)
 }
 
 /// `value` split at `separator`s outside quoted strings, angle brackets and IPv6 references.
@@ -848,6 +877,8 @@ pub fn reason(code: u16) -> &'static str {
         180 => "Ringing",
         200 => "OK",
         400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
         405 => "Method Not Allowed",
         481 => "Call/Transaction Does Not Exist",
         486 => "Busy Here",
@@ -887,6 +918,13 @@ pub fn response(
     }
     text += &format!("Call-ID: {}\r\n", request.call_id);
     text += &format!("CSeq: {} {}\r\n", request.cseq, request.cseq_method);
+    // A response that can set up a dialog copies the request's Record-Route (RFC 3261 section
+    // 12.1.1): the caller's route set, so its ACK and BYE pass the proxies that asked for them.
+    if (101..300).contains(&code) {
+        for route in &request.record_route {
+            text += &format!("Record-Route: {route}\r\n");
+        }
+    }
     // What RFC 3261 requires of these answers: the extensions refused (section 8.2.2.3), the
     // body types taken (section 21.4.13).
     match (code, &request.unsupported) {
