@@ -43,7 +43,17 @@ pub struct StreamConfig {
     pub output_rate: Option<u32>,
     /// English text normalisation ([`normalize`]); turn it off for voices in other languages.
     pub normalize: bool,
+    /// Cut the silence Piper puts before the first chunk's first sound (30-40 ms with the
+    /// default voice) down to [`LEAD_IN_KEEP_S`]: a reply waits for nothing. Later chunks keep
+    /// theirs, which is the pause between sentences.
+    pub trim_lead_in: bool,
 }
+
+/// Below this level a sample counts as silence for the lead-in: about -54 dBFS, under the
+/// noise VITS leaves before speech begins.
+pub const LEAD_IN_SILENCE: f32 = 0.002;
+/// Kept before the first sound, so its onset is not clipped.
+pub const LEAD_IN_KEEP_S: f64 = 0.005;
 
 impl Default for StreamConfig {
     fn default() -> Self {
@@ -51,6 +61,7 @@ impl Default for StreamConfig {
             chunker: ChunkerConfig::default(),
             output_rate: None,
             normalize: true,
+            trim_lead_in: true,
         }
     }
 }
@@ -308,6 +319,9 @@ fn synthesize_chunk(
             *t = *t * u64::from(sample_rate) / u64::from(voice_rate);
         }
     }
+    if config.trim_lead_in && chunk.index == 0 {
+        trim_lead_in(&mut samples, &mut word_ends, sample_rate);
+    }
     Ok(AudioChunk {
         index: chunk.index,
         text: chunk.text,
@@ -317,6 +331,20 @@ fn synthesize_chunk(
         word_ends,
         timed_by_model,
     })
+}
+
+/// Drops the silence before the first sound but [`LEAD_IN_KEEP_S`] of it, moving the word times
+/// with the audio; returns the samples dropped.
+fn trim_lead_in(samples: &mut Vec<f32>, word_ends: &mut [(usize, u64)], rate: u32) -> usize {
+    let Some(onset) = samples.iter().position(|s| s.abs() > LEAD_IN_SILENCE) else {
+        return 0;
+    };
+    let cut = onset.saturating_sub((LEAD_IN_KEEP_S * f64::from(rate)) as usize);
+    samples.drain(..cut);
+    for (_, t) in word_ends {
+        *t = t.saturating_sub(cut as u64);
+    }
+    cut
 }
 
 /// When each whitespace-separated word of a sentence's spoken text ends, in samples into the
@@ -527,6 +555,22 @@ mod tests {
         let ends = sentence_word_ends(&s, spoken);
         // Letters 2, 3, 3 of 8.
         assert_eq!(ends, vec![(2, 23), (6, 56), (10, 90)]);
+    }
+
+    #[test]
+    fn the_lead_in_is_cut_to_a_few_milliseconds_and_word_times_follow() {
+        let rate = 16_000;
+        let mut samples = vec![0.0005f32; 640];
+        samples.extend([0.3, -0.2, 0.1]);
+        let mut word_ends = vec![(5, 700), (9, 30)];
+        let cut = trim_lead_in(&mut samples, &mut word_ends, rate);
+        assert_eq!(cut, 640 - 80);
+        assert_eq!(samples.len(), 83);
+        assert_eq!(samples[80], 0.3);
+        assert_eq!(word_ends, vec![(5, 140), (9, 0)]);
+        let mut silent = vec![0.0f32; 100];
+        assert_eq!(trim_lead_in(&mut silent, &mut [], rate), 0);
+        assert_eq!(silent.len(), 100);
     }
 
     #[test]
