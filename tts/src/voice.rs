@@ -115,6 +115,17 @@ impl PiperVoice {
                     .map_err(|e| e.into())
             })
             .and_then(|b| b.with_inter_threads(1).map_err(|e| e.into()))
+            // Every chunk has another length, so ONNX Runtime's memory pattern never applies,
+            // and its CPU arena grows to the longest chunk seen (in power-of-two extensions, over
+            // 500 MB with the default voice in a soak) and never gives memory back. Without
+            // them each run's tensors are freed when it ends.
+            .and_then(|b| b.with_memory_pattern(false).map_err(|e| e.into()))
+            .and_then(|b| {
+                b.with_execution_providers([ort::ep::CPU::default()
+                    .with_arena_allocator(false)
+                    .build()])
+                    .map_err(|e| e.into())
+            })
             .and_then(|mut b| b.commit_from_file(model))
             .map_err(|e| load_err(e.to_string()))?;
         let inputs: Vec<&str> = session.inputs().iter().map(|i| i.name()).collect();
