@@ -20,6 +20,10 @@ use super::scenario::TurnAudio;
 const FINISHED_QUEUE: usize = 256;
 /// One window of the report.
 const WINDOW: Duration = Duration::from_secs(60);
+/// How often the server's resident memory is read. One reading a minute is noise: it swings by
+/// a session's worth (its KV cache, Whisper state) with where the calls happen to be, so each
+/// window reports the median of a dozen readings, and their range.
+const RSS_SAMPLE: Duration = Duration::from_secs(5);
 /// Resident memory may grow this much (last window over first) and still count as flat.
 pub const RSS_GROWTH_LIMIT: f64 = 0.05;
 /// The second half's p95 voice-to-voice may exceed the first half's by this much.
@@ -33,8 +37,11 @@ pub struct Window {
     pub turns_answered: usize,
     pub v2v_p50_ms: Option<f64>,
     pub v2v_p95_ms: Option<f64>,
-    /// The server's VmRSS at the window's end, MiB (`None` for a server not started here).
+    /// The median of the server's VmRSS readings in the window, MiB (`None` for a server not
+    /// started here).
     pub server_rss_mib: Option<f64>,
+    pub server_rss_min_mib: Option<f64>,
+    pub server_rss_max_mib: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -102,8 +109,15 @@ pub async fn run(
     let mut all_v2v: Vec<(f64, f64)> = Vec::new();
     let mut current = WindowAcc::default();
     let mut window_end = start + WINDOW;
+    let mut sample = tokio::time::interval(RSS_SAMPLE);
     loop {
-        let got = tokio::time::timeout_at(window_end.into(), finished.recv()).await;
+        let got = tokio::select! {
+            got = tokio::time::timeout_at(window_end.into(), finished.recv()) => got,
+            _ = sample.tick() => {
+                current.rss.extend(server_pid.and_then(rss_mib));
+                continue;
+            }
+        };
         match got {
             Ok(Some(call)) => {
                 let at = start.elapsed().as_secs_f64();
@@ -116,11 +130,11 @@ pub async fn run(
                 all_v2v.extend(records.iter().filter_map(|r| r.v2v_ms).map(|v| (at, v)));
             }
             Ok(None) => {
-                windows.push(current.close(windows.len() + 1, server_pid));
+                windows.push(current.close(windows.len() + 1));
                 break;
             }
             Err(_) => {
-                windows.push(current.close(windows.len() + 1, server_pid));
+                windows.push(current.close(windows.len() + 1));
                 current = WindowAcc::default();
                 window_end += WINDOW;
                 eprintln!("bench: soak {}", summary_line(windows.last()));
@@ -149,6 +163,7 @@ struct WindowAcc {
     failed: usize,
     answered: usize,
     v2v: Vec<f64>,
+    rss: Vec<f64>,
 }
 
 impl WindowAcc {
@@ -160,7 +175,7 @@ impl WindowAcc {
         self.v2v.extend(v2v);
     }
 
-    fn close(&self, minute: usize, server_pid: Option<u32>) -> Window {
+    fn close(&self, minute: usize) -> Window {
         Window {
             minute,
             calls: self.calls,
@@ -168,7 +183,9 @@ impl WindowAcc {
             turns_answered: self.answered,
             v2v_p50_ms: percentile(&self.v2v, 50.0),
             v2v_p95_ms: percentile(&self.v2v, 95.0),
-            server_rss_mib: server_pid.and_then(rss_mib),
+            server_rss_mib: percentile(&self.rss, 50.0),
+            server_rss_min_mib: self.rss.iter().copied().reduce(f64::min),
+            server_rss_max_mib: self.rss.iter().copied().reduce(f64::max),
         }
     }
 }
@@ -178,7 +195,7 @@ fn summary_line(w: Option<&Window>) -> String {
         return String::new();
     };
     format!(
-        "minute {}: {} calls, {} failed, v2v p50 {:?} p95 {:?} ms, RSS {:?} MiB",
+        "minute {}: {} calls, {} failed, v2v p50 {:?} p95 {:?} ms, RSS median {:?} MiB",
         w.minute,
         w.calls,
         w.failed_calls,
@@ -259,8 +276,8 @@ pub fn markdown(soak: &Soak, title: &str, command: &str, machine: &str) -> Strin
          {} concurrent session(s) for {} minute(s): **{} calls, {} failed**; \
          server RSS growth after {} minute(s) of warm-up {}; p95 voice-to-voice {} ms in the first half, \
          {} ms in the second. Verdict: **{}** (no failed call, RSS within {:.0}%, p95 within \
-         {:.0}%).\n\n| minute | calls | failed | turns answered | v2v p50 | v2v p95 | server RSS MiB |\n\
-         |---|---|---|---|---|---|---|\n",
+         {:.0}%).\n\n| minute | calls | failed | turns answered | v2v p50 | v2v p95 | server RSS MiB, \
+         median (min-max) |\n|---|---|---|---|---|---|---|\n",
         soak.sessions,
         soak.minutes,
         soak.calls,
@@ -283,7 +300,10 @@ pub fn markdown(soak: &Soak, title: &str, command: &str, machine: &str) -> Strin
             w.turns_answered,
             ms(w.v2v_p50_ms),
             ms(w.v2v_p95_ms),
-            w.server_rss_mib.map_or("n/a".into(), |r| format!("{r:.1}"))
+            match (w.server_rss_mib, w.server_rss_min_mib, w.server_rss_max_mib) {
+                (Some(m), Some(lo), Some(hi)) => format!("{m:.0} ({lo:.0}-{hi:.0})"),
+                _ => "n/a".into(),
+            }
         );
     }
     if !soak.failures.is_empty() {
@@ -308,6 +328,8 @@ mod tests {
             v2v_p50_ms: Some(800.0),
             v2v_p95_ms: Some(900.0),
             server_rss_mib: Some(rss),
+            server_rss_min_mib: Some(rss - 20.0),
+            server_rss_max_mib: Some(rss + 20.0),
         }
     }
 
