@@ -54,11 +54,15 @@ def main():
         answered = sum(1 for t, _ in heard if t.get("v2v_ms") is not None)
         rows.append((name, wer(pairs), wer(vs_clean), answered, len(heard)))
     fmt = lambda v: "n/a" if v is None else f"{v:.2f}"
-    print("# Packet loss and jitter (netem on the caller's uplink, WebRTC/Opus)\n")
-    print(f"Scenario `{scenario}`; report folders in `{out}`.\n")
+    shaper = (out / "shaper.txt").read_text().strip() if (out / "shaper.txt").exists() else ""
+    print("# Packet loss and jitter on the caller's uplink (WebRTC/Opus)\n")
+    print(f"Scenario `{scenario}`; report folders in `{out}`; {shaper}.\n")
     print("| condition | WER vs script | WER vs clean | turns answered |")
     print("|---|---|---|---|")
     for name, w_script, w_clean, answered, spoken in rows:
+        if (out / f"{name}.skipped").exists():
+            print(f"| {name} | skipped: no sch_netem in this kernel | | |")
+            continue
         print(f"| {name} | {fmt(w_script)} | {fmt(w_clean)} | {answered}/{spoken} |")
     print("\n## 100% loss mid-call (SIP, media timeout 5 s)\n")
     if ended_after:
