@@ -43,7 +43,7 @@ def main():
             continue
         turns = json.loads(report.read_text())["turns"]
         heard = [(t, t.get("user_text")) for t in turns if not t.get("barge_in")]
-        pairs = [(script[t["turn"]], text or "") for t, text in heard]
+        pairs = [(script[t["turn"] - 1], text or "") for t, text in heard]  # turns count from 1
         if name == "clean":
             clean_by_turn = {(t["rep"], t["turn"]): text or "" for t, text in heard}
         vs_clean = [
