@@ -303,10 +303,17 @@ pub fn run(args: BenchArgs, config_path: Option<&Path>) -> anyhow::Result<()> {
         );
         let md = soak::markdown(&result, &title, &command, &machine);
         std::fs::write(out.join("soak.md"), &md)?;
-        std::fs::write(out.join("soak.json"), serde_json::to_string_pretty(&result)?)?;
+        std::fs::write(
+            out.join("soak.json"),
+            serde_json::to_string_pretty(&result)?,
+        )?;
         println!("{md}");
         println!("report: {}", out.display());
-        anyhow::ensure!(result.passed, "the soak failed; see {}", out.join("soak.md").display());
+        anyhow::ensure!(
+            result.passed,
+            "the soak failed; see {}",
+            out.join("soak.md").display()
+        );
         return Ok(());
     }
     let (mut all_turns, mut done_levels) = (Vec::new(), Vec::new());

@@ -123,7 +123,10 @@ impl SipLink {
         let crate::sip::sdp::Codec::G711(law) = remote.codec else {
             hang_up.cancel();
             let _ = signalling.await;
-            bail!("the server answered {:?}; this caller offered G.711 only", remote.codec);
+            bail!(
+                "the server answered {:?}; this caller offered G.711 only",
+                remote.codec
+            );
         };
         let (incoming_tx, incoming) = mpsc::channel(INCOMING_QUEUE);
         let receiver = tokio::spawn(receive(rtp.clone(), law, incoming_tx));

@@ -103,7 +103,8 @@ pub fn parse_authorization(value: &str) -> Option<Credentials> {
     if !scheme.eq_ignore_ascii_case("digest") {
         return None;
     }
-    let (mut username, mut realm, mut nonce, mut uri, mut response) = (None, None, None, None, None);
+    let (mut username, mut realm, mut nonce, mut uri, mut response) =
+        (None, None, None, None, None);
     let (mut algorithm, mut qop, mut nc, mut cnonce) = (Algorithm::Md5, None, None, None);
     for (name, value) in params_of(params) {
         match name.to_ascii_lowercase().as_str() {

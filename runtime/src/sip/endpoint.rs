@@ -806,7 +806,10 @@ impl Endpoint {
             // A caller retrying a refused INVITE with a new CSeq (with credentials, after our
             // 401) is a new transaction; its arrival implies the refusal's ACK.
             let retry = call.state == State::Rejected
-                && call.invite.as_ref().is_some_and(|refused| refused.cseq != m.cseq);
+                && call
+                    .invite
+                    .as_ref()
+                    .is_some_and(|refused| refused.cseq != m.cseq);
             if !retry {
                 // A retransmitted INVITE: repeat whatever we last answered.
                 if let Some(last) = call.last_response.clone() {
@@ -830,7 +833,10 @@ impl Endpoint {
             match auth.check(now, "INVITE", &request_uri, m.authorization.as_deref()) {
                 Verdict::Authorized { .. } => {}
                 Verdict::Challenge(values) => {
-                    let headers = values.into_iter().map(|v| ("WWW-Authenticate", v)).collect();
+                    let headers = values
+                        .into_iter()
+                        .map(|v| ("WWW-Authenticate", v))
+                        .collect();
                     return self.refuse(now, from, m, local_tag, 401, headers);
                 }
             }
@@ -1408,7 +1414,10 @@ impl Endpoint {
 
 /// A dialog's route set as the Route headers of a request in it, in order.
 fn route_headers(route_set: &[String]) -> Vec<(&'static str, String)> {
-    route_set.iter().map(|route| ("Route", route.clone())).collect()
+    route_set
+        .iter()
+        .map(|route| ("Route", route.clone()))
+        .collect()
 }
 
 /// The status code of a `message/sipfrag` body's status line (`SIP/2.0 200 OK`).
@@ -2311,7 +2320,11 @@ mod tests {
         let mut e = endpoint();
         let t0 = Instant::now();
         let first = registering(&mut e, t0);
-        e.handle_datagram(t0, peer(), &message::response(&first, 200, Some("r"), &[], None));
+        e.handle_datagram(
+            t0,
+            peer(),
+            &message::response(&first, 200, Some("r"), &[], None),
+        );
         assert!(e.has_registration());
         e.unregister(t0);
         let removal = sent(&mut e);
@@ -2321,11 +2334,22 @@ mod tests {
         e.handle_datagram(t0, peer(), &challenge(&removal, 401, "n9", false));
         let answered = sent(&mut e);
         let text = String::from_utf8_lossy(&answered[0]).into_owned();
-        assert!(text.contains("Expires: 0\r\n") && text.contains("Authorization: Digest"), "{text}");
+        assert!(
+            text.contains("Expires: 0\r\n") && text.contains("Authorization: Digest"),
+            "{text}"
+        );
         let answered = message::parse(&answered[0]).expect("parses");
-        e.handle_datagram(t0, peer(), &message::response(&answered, 200, Some("r"), &[], None));
+        e.handle_datagram(
+            t0,
+            peer(),
+            &message::response(&answered, 200, Some("r"), &[], None),
+        );
         assert!(!e.has_registration());
-        assert_eq!(e.poll_timeout(), None, "no refresh after the binding is gone");
+        assert_eq!(
+            e.poll_timeout(),
+            None,
+            "no refresh after the binding is gone"
+        );
     }
 
     #[test]

@@ -290,7 +290,14 @@ impl PayloadDecoder {
         match (self, playout) {
             (PayloadDecoder::G711(law), Playout::Packet(payload)) => Some(decode(*law, &payload)),
             (PayloadDecoder::G711(_), Playout::Lost) => Some(vec![0.0; FRAME_SAMPLES]),
-            (PayloadDecoder::Opus { decoder, pcm, last_frame }, playout) => {
+            (
+                PayloadDecoder::Opus {
+                    decoder,
+                    pcm,
+                    last_frame,
+                },
+                playout,
+            ) => {
                 let decoded = match playout {
                     Playout::Packet(payload) => decoder.decode_float(&payload, pcm, false),
                     // Opus packet loss concealment: an empty packet asks for one frame of it.

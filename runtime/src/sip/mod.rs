@@ -102,7 +102,8 @@ impl SipArgs {
     /// The allow-list and caller authentication these options ask for; an unreadable users
     /// file or a transfer target off the allow-list is an error at start-up, not at the call.
     fn policy(&self) -> anyhow::Result<(policy::DestinationAllowList, Option<policy::CallerAuth>)> {
-        let allowed = policy::DestinationAllowList::new(&self.sip_allow).map_err(anyhow::Error::msg)?;
+        let allowed =
+            policy::DestinationAllowList::new(&self.sip_allow).map_err(anyhow::Error::msg)?;
         if let Some(target) = &self.sip_transfer_to {
             anyhow::ensure!(
                 allowed.allows(target),
@@ -118,7 +119,12 @@ impl SipArgs {
                     .map_err(|e| anyhow::anyhow!("--sip-auth-users {}: {e}", path.display()))?;
                 let mut key = [0u8; 32];
                 getrandom::fill(&mut key).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
-                Some(policy::CallerAuth::new(&self.sip_auth_realm, users, key, Instant::now()))
+                Some(policy::CallerAuth::new(
+                    &self.sip_auth_realm,
+                    users,
+                    key,
+                    Instant::now(),
+                ))
             }
         };
         Ok((allowed, auth))

@@ -24,7 +24,9 @@ pub const OPUS_CLOCK_RATE: u32 = 48_000;
 pub enum Codec {
     G711(Law),
     /// Opus with the peer's payload type, coded here at 16 kHz mono.
-    Opus { payload_type: u8 },
+    Opus {
+        payload_type: u8,
+    },
 }
 
 impl Codec {
@@ -338,7 +340,10 @@ mod tests {
         assert!(answer.contains("a=sendrecv"));
         // Our own answer parses back to the same choice.
         let back = negotiate(answer.as_bytes()).expect("our answer parses");
-        assert_eq!((back.codec, back.dtmf), (Codec::G711(Law::A), Some((101, 8_000))));
+        assert_eq!(
+            (back.codec, back.dtmf),
+            (Codec::G711(Law::A), Some((101, 8_000)))
+        );
     }
 
     #[test]
@@ -372,17 +377,23 @@ mod tests {
         let offer = OFFER
             .replace("RTP/AVP 8 0 101", "RTP/AVP 8 0 101 96 102")
             .replace(
-                "a=fmtp:101 0-15\r\n",
-                "a=fmtp:101 0-15\r\na=rtpmap:96 opus/48000/2\r\na=rtpmap:102 telephone-event/48000\r\n",
-            );
+            "a=fmtp:101 0-15\r\n",
+            "a=fmtp:101 0-15\r\na=rtpmap:96 opus/48000/2\r\na=rtpmap:102 telephone-event/48000\r\n",
+        );
         let remote = negotiate(offer.as_bytes()).expect("a valid offer");
         assert_eq!(remote.codec, Codec::Opus { payload_type: 96 });
         assert_eq!(remote.dtmf, Some((102, 48_000)));
         let answer = answer(&local(), &remote);
-        assert!(answer.contains("m=audio 30000 RTP/AVP 96 102\r\n"), "{answer}");
+        assert!(
+            answer.contains("m=audio 30000 RTP/AVP 96 102\r\n"),
+            "{answer}"
+        );
         assert!(answer.contains("a=rtpmap:96 opus/48000/2\r\n"), "{answer}");
         assert!(answer.contains("maxplaybackrate=16000"), "{answer}");
-        assert!(answer.contains("a=rtpmap:102 telephone-event/48000\r\n"), "{answer}");
+        assert!(
+            answer.contains("a=rtpmap:102 telephone-event/48000\r\n"),
+            "{answer}"
+        );
         let back = negotiate(answer.as_bytes()).expect("our answer parses");
         assert_eq!(back.codec, Codec::Opus { payload_type: 96 });
         // A re-INVITE keeps the family the call started with.
