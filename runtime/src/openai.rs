@@ -664,12 +664,14 @@ fn too_large() -> ApiError {
     }
 }
 
-/// One completion, on a blocking thread. Holds its concurrency slot until it returns.
+/// One completion, on a blocking thread. Holds its concurrency slot while the model works,
+/// and frees it before logging or sending the completion's end: a client that sends its next
+/// request the moment this one ends must find the slot free.
 #[allow(clippy::too_many_arguments)]
 fn generate(
     ep: &Endpoint,
     id: &str,
-    _slot: OwnedSemaphorePermit,
+    slot: OwnedSemaphorePermit,
     messages: &[Message],
     params: &GenerateParams,
     stop: Vec<String>,
@@ -685,6 +687,7 @@ fn generate(
     let mut session = match ep.take_session() {
         Ok(s) => s,
         Err(e) => {
+            drop(slot);
             let _ = tx.blocking_send(Event::Failed(e.into()));
             return;
         }
@@ -706,6 +709,7 @@ fn generate(
         }
     });
     ep.put_session(session);
+    drop(slot);
     let reply = match result {
         Ok(r) => r,
         Err(e) => {
