@@ -94,7 +94,7 @@ pub fn run(args: SayArgs, config_path: Option<&Path>) -> anyhow::Result<()> {
         if !chunk.samples.is_empty() {
             first_audio.get_or_insert_with(|| started.elapsed());
         }
-        chunks += 1;
+        chunks += usize::from(chunk.ends_chunk);
         samples.extend_from_slice(&chunk.samples);
     }
     let synth_time = started.elapsed();

@@ -2,6 +2,8 @@
 //!
 //! - [`onnx`]: the ONNX Runtime environment, loaded from a library file at run time.
 //! - [`config`], [`voice`]: a Piper voice (`.onnx` + `.onnx.json`) and its inference.
+//! - [`vits_split`]: a voice's graph cut into encoder and decoder, so a sentence's audio can be
+//!   decoded window by window.
 //! - [`phonemize`]: text to phonemes; espeak-ng by default (feature `espeak`, GPL-3.0).
 //! - [`normalize`]: numbers, units, dates and abbreviations spelled out before phonemization.
 //! - [`chunker`], [`stream`]: LLM tokens to speakable chunks, synthesized in order on a worker
@@ -19,6 +21,7 @@ pub mod onnx;
 pub mod phonemize;
 pub mod resample;
 pub mod stream;
+pub mod vits_split;
 pub mod voice;
 
 pub use config::VoiceConfig;

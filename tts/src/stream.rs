@@ -19,7 +19,7 @@ use ort::session::RunOptions;
 use crate::chunker::{ChunkerConfig, ClauseChunker, TextChunk};
 use crate::error::{Result, TtsError};
 use crate::normalize::{self, Skipped, WordMap};
-use crate::resample::resample;
+use crate::resample::StreamResampler;
 use crate::voice::{PiperVoice, SentenceAudio};
 
 /// Text chunks waiting for the worker. Policy when full: **block** the producer. Chunks are a
@@ -36,6 +36,18 @@ pub const AUDIO_QUEUE_CAP: usize = 4;
 /// How long the idle worker waits for text before it looks at the cancel flag again.
 const IDLE_POLL: Duration = Duration::from_millis(10);
 
+/// The first sentence of a stream is decoded in windows of latent frames (one frame is
+/// `hop_length` samples, 11.6 ms with the default voice): a short first window, so the voice is
+/// heard after the encoder and about 0.3 s of decoding, then each window [`WINDOW_GROWTH`] times
+/// the last. The decoder runs some 20 times faster than real time here, so every window is
+/// ready long before the audio ahead of it has played. Later sentences are decoded whole: each window costs
+/// [`crate::voice::DECODER_CONTEXT_FRAMES`] of extra decoding on each side.
+pub const FIRST_WINDOW_FRAMES: usize = 24;
+
+/// Each window of the first sentence is this many times the one before: few windows (each costs
+/// context frames), yet each decoded in a fraction of the playing time of the one before.
+const WINDOW_GROWTH: usize = 4;
+
 #[derive(Debug, Clone)]
 pub struct StreamConfig {
     pub chunker: ChunkerConfig,
@@ -47,6 +59,9 @@ pub struct StreamConfig {
     /// default voice) down to [`LEAD_IN_KEEP_S`]: a reply waits for nothing. Later chunks keep
     /// theirs, which is the pause between sentences.
     pub trim_lead_in: bool,
+    /// Decode the stream's first sentence in windows of this many latent frames, then growing
+    /// ([`FIRST_WINDOW_FRAMES`]); `None` decodes every sentence whole (one piece per chunk).
+    pub first_window_frames: Option<usize>,
 }
 
 /// Below this level a sample counts as silence for the lead-in: about -54 dBFS, under the
@@ -62,16 +77,22 @@ impl Default for StreamConfig {
             output_rate: None,
             normalize: true,
             trim_lead_in: true,
+            first_window_frames: Some(FIRST_WINDOW_FRAMES),
         }
     }
 }
 
-/// One synthesized chunk.
+/// Synthesized audio of one text chunk, or of a piece of it: a stream's first chunk arrives in
+/// several pieces, the first as soon as its first window is decoded ([`FIRST_WINDOW_FRAMES`]).
 #[derive(Debug, Clone)]
 pub struct AudioChunk {
+    /// The text chunk's index; its pieces share it.
     pub index: usize,
-    /// The chunk's text as it was pushed (before normalisation).
+    /// The words (as pushed, before normalisation) whose end is heard in this piece; all of the
+    /// chunk's text when it comes whole. Empty for a piece within a word.
     pub text: String,
+    /// This piece ends its text chunk.
+    pub ends_chunk: bool,
     pub samples: Vec<f32>,
     pub sample_rate: u32,
     /// What normalisation left out of this chunk (emoji, unknown scripts).
@@ -262,25 +283,34 @@ fn worker(
             Err(RecvTimeoutError::Timeout) => continue,
             Err(RecvTimeoutError::Disconnected) => return,
         };
-        let result = synthesize_chunk(&voice, &config, chunk, &run_options);
-        if cancelled.load(Ordering::SeqCst) {
-            return;
-        }
-        if let Err(e) = &result {
-            tracing::warn!(error = %e, "a chunk could not be synthesized");
-        }
-        if audio_tx.send(result).is_err() {
-            return;
+        let mut send = |piece: AudioChunk| {
+            !cancelled.load(Ordering::SeqCst) && audio_tx.send(Ok(piece)).is_ok()
+        };
+        match synthesize_chunk(&voice, &config, chunk, &run_options, &mut send) {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => {
+                if cancelled.load(Ordering::SeqCst) {
+                    return;
+                }
+                tracing::warn!(error = %e, "a chunk could not be synthesized");
+                if audio_tx.send(Err(e)).is_err() {
+                    return;
+                }
+            }
         }
     }
 }
 
+/// Synthesizes one text chunk, handing each piece of audio to `emit` as soon as it exists;
+/// `Ok(false)` when `emit` refused one (the stream was cancelled or its reader is gone).
 fn synthesize_chunk(
     voice: &Mutex<PiperVoice>,
     config: &StreamConfig,
     chunk: TextChunk,
     run_options: &RunOptions,
-) -> Result<AudioChunk> {
+    emit: &mut dyn FnMut(AudioChunk) -> bool,
+) -> Result<bool> {
     let normalized = if config.normalize {
         normalize::normalize(&chunk.text)
     } else {
@@ -291,46 +321,202 @@ fn synthesize_chunk(
         // The chunk carries the list for the caller to report; this is for the logs.
         tracing::debug!(chunk = chunk.index, skipped = %list.join(", "), "left out of the speech");
     }
-    let (sentences, voice_rate, timed_by_model) = {
-        let mut v = voice.lock().unwrap_or_else(|p| p.into_inner());
-        let sentences = if normalized.spoken.is_empty() {
-            Vec::new()
-        } else {
-            v.synthesize_with(&normalized.spoken, run_options)?
-        };
-        (sentences, v.sample_rate(), v.has_durations())
+    // The lock is taken for each model run, not for the chunk: another stream on the same voice
+    // may run between two windows, and no lock is held while a piece waits in the audio queue.
+    let lock = || voice.lock().unwrap_or_else(|p| p.into_inner());
+    let (voice_rate, timed_by_model, streams) = {
+        let v = lock();
+        (v.sample_rate(), v.has_durations(), v.can_stream())
     };
-    let mut samples = Vec::new();
-    let mut spoken_ends = Vec::new();
-    for s in &sentences {
-        let base = samples.len() as u64;
-        spoken_ends.extend(
-            sentence_word_ends(s, &normalized.spoken)
-                .into_iter()
-                .map(|(end, t)| (end, base + t)),
-        );
-        samples.extend_from_slice(&s.samples);
+    let out_rate = config.output_rate.unwrap_or(voice_rate);
+    let mut resampler = StreamResampler::new(voice_rate, out_rate)?;
+    let spoken = normalized.spoken.as_str();
+    let mut pieces = Pieces {
+        index: chunk.index,
+        text: &chunk.text,
+        words: &normalized.words,
+        skipped: normalized.skipped.clone(),
+        timed_by_model,
+        voice_rate,
+        out_rate,
+        trim_lead_in: config.trim_lead_in && chunk.index == 0,
+        next_word: 0,
+        text_done: 0,
+        emitted: 0,
+        trimmed: 0,
+        started: false,
+    };
+    // (byte end in `spoken`, sample at the voice's rate into the chunk) of every spoken word.
+    let mut spoken_ends: Vec<(usize, u64)> = Vec::new();
+
+    if !streams || spoken.is_empty() {
+        let sentences = match spoken.is_empty() {
+            true => Vec::new(),
+            false => lock().synthesize_with(spoken, run_options)?,
+        };
+        let mut samples = Vec::new();
+        for s in &sentences {
+            let base = samples.len() as u64;
+            spoken_ends.extend(
+                sentence_word_ends(s, spoken)
+                    .into_iter()
+                    .map(|(end, t)| (end, base + t)),
+            );
+            samples.extend_from_slice(&s.samples);
+        }
+        let mut out = resampler.push(&samples)?;
+        out.extend(resampler.finish()?);
+        return Ok(emit(pieces.next(out, &spoken_ends, true)));
     }
-    let mut word_ends = source_word_ends(&normalized.words, &spoken_ends, samples.len() as u64);
-    let sample_rate = config.output_rate.unwrap_or(voice_rate);
-    if sample_rate != voice_rate {
-        samples = resample(&samples, voice_rate, sample_rate)?;
-        for (_, t) in &mut word_ends {
-            *t = *t * u64::from(sample_rate) / u64::from(voice_rate);
+
+    let sentences = {
+        let mut v = lock();
+        let clauses = v.clauses(spoken)?;
+        v.sentence_ids(&clauses)
+    };
+    let mut base = 0u64;
+    let count = sentences.len();
+    if count == 0 {
+        return Ok(emit(pieces.next(Vec::new(), &spoken_ends, true)));
+    }
+    for (k, (phonemes, ids, span)) in sentences.into_iter().enumerate() {
+        let encoded = lock().encode(&ids, run_options)?;
+        let total = encoded.samples();
+        spoken_ends.extend(
+            word_ends_in(
+                total,
+                &phonemes,
+                ids.len(),
+                encoded.id_samples.as_deref(),
+                span,
+                spoken,
+            )
+            .into_iter()
+            .map(|(end, t)| (end, base + t)),
+        );
+        let frames = encoded.frames();
+        let windows = match config.first_window_frames {
+            Some(first) if chunk.index == 0 && k == 0 => growing_windows(frames, first),
+            _ => std::iter::once(0..frames).collect(),
+        };
+        let last_window = windows.len().saturating_sub(1);
+        for (w, window) in windows.into_iter().enumerate() {
+            let samples = lock().decode(&encoded, window, run_options)?;
+            let last = k + 1 == count && w == last_window;
+            let mut out = resampler.push(&samples)?;
+            if last {
+                out.extend(resampler.finish()?);
+            }
+            if !emit(pieces.next(out, &spoken_ends, last)) {
+                return Ok(false);
+            }
+        }
+        base += total as u64;
+    }
+    Ok(true)
+}
+
+/// `0..frames` cut into windows of `first`, then [`WINDOW_GROWTH`] times the last, to the end.
+fn growing_windows(frames: usize, first: usize) -> Vec<std::ops::Range<usize>> {
+    let mut windows = Vec::new();
+    let (mut start, mut size) = (0, first.max(1));
+    while start < frames {
+        let end = (start + size).min(frames);
+        windows.push(start..end);
+        start = end;
+        size *= WINDOW_GROWTH;
+    }
+    if windows.is_empty() {
+        windows.push(0..0);
+    }
+    windows
+}
+
+/// Cuts one text chunk's audio into pieces, giving each piece the words whose end it holds.
+struct Pieces<'a> {
+    index: usize,
+    text: &'a str,
+    words: &'a [WordMap],
+    /// Reported with the first piece.
+    skipped: Vec<Skipped>,
+    timed_by_model: bool,
+    voice_rate: u32,
+    out_rate: u32,
+    trim_lead_in: bool,
+    /// The first word not yet given to a piece.
+    next_word: usize,
+    /// Bytes of `text` given to pieces so far.
+    text_done: usize,
+    /// Output samples emitted so far (after the lead-in trim).
+    emitted: u64,
+    /// Output samples cut from the lead-in.
+    trimmed: u64,
+    started: bool,
+}
+
+impl Pieces<'_> {
+    /// The next piece: `samples` at the output rate, `spoken_ends` as far as known (voice rate,
+    /// into the chunk), `last` for the chunk's final piece.
+    fn next(
+        &mut self,
+        mut samples: Vec<f32>,
+        spoken_ends: &[(usize, u64)],
+        last: bool,
+    ) -> AudioChunk {
+        if !self.started && !samples.is_empty() {
+            self.started = true;
+            if self.trim_lead_in {
+                self.trimmed = trim_lead_in(&mut samples, &mut [], self.out_rate) as u64;
+            }
+        }
+        let start = self.emitted;
+        let end = start + samples.len() as u64;
+        let mut word_ends = Vec::new();
+        let mut text_end = self.text_done;
+        while let Some(word) = self.words.get(self.next_word) {
+            let at = spoken_ends
+                .iter()
+                .find(|(spoken_end, _)| *spoken_end >= word.spoken.end)
+                .map(|&(_, t)| {
+                    (t * u64::from(self.out_rate) / u64::from(self.voice_rate))
+                        .saturating_sub(self.trimmed)
+                });
+            let at = match at {
+                Some(t) if t <= end => t,
+                _ if last => end,
+                _ => break,
+            };
+            word_ends.push((word.source.end, at.max(start) - start));
+            text_end = text_end.max(word.source.end);
+            self.next_word += 1;
+        }
+        if last {
+            text_end = self.text.len();
+        }
+        let raw = self.text.get(self.text_done..text_end).unwrap_or("");
+        let piece_start = self.text_done + (raw.len() - raw.trim_start().len());
+        let text = self
+            .text
+            .get(piece_start..text_end)
+            .unwrap_or("")
+            .to_string();
+        let word_ends = word_ends
+            .into_iter()
+            .map(|(e, t): (usize, u64)| (e.saturating_sub(piece_start).min(text.len()), t))
+            .collect();
+        self.text_done = text_end.max(self.text_done);
+        self.emitted = end;
+        AudioChunk {
+            index: self.index,
+            text,
+            ends_chunk: last,
+            samples,
+            sample_rate: self.out_rate,
+            skipped: std::mem::take(&mut self.skipped),
+            word_ends,
+            timed_by_model: self.timed_by_model,
         }
     }
-    if config.trim_lead_in && chunk.index == 0 {
-        trim_lead_in(&mut samples, &mut word_ends, sample_rate);
-    }
-    Ok(AudioChunk {
-        index: chunk.index,
-        text: chunk.text,
-        samples,
-        sample_rate,
-        skipped: normalized.skipped,
-        word_ends,
-        timed_by_model,
-    })
 }
 
 /// Drops the silence before the first sound but [`LEAD_IN_KEEP_S`] of it, moving the word times
@@ -357,17 +543,36 @@ fn trim_lead_in(samples: &mut Vec<f32>, word_ends: &mut [(usize, u64)], rate: u3
 /// groups (phonemes between spaces); when espeak-ng joined or split words and the counts differ,
 /// each word gets a share proportional to its letters instead.
 pub fn sentence_word_ends(s: &SentenceAudio, spoken: &str) -> Vec<(usize, u64)> {
-    let span = &spoken[s.text.clone()];
+    word_ends_in(
+        s.samples.len(),
+        &s.phonemes,
+        s.phoneme_ids.len(),
+        s.id_samples.as_deref(),
+        s.text.clone(),
+        spoken,
+    )
+}
+
+/// [`sentence_word_ends`] from what the encoder already knows: the sentence's length in
+/// samples, its phonemes and their ids, and the model's durations if it reports them.
+fn word_ends_in(
+    total: usize,
+    phonemes: &[String],
+    n_ids: usize,
+    id_samples: Option<&[u32]>,
+    text: std::ops::Range<usize>,
+    spoken: &str,
+) -> Vec<(usize, u64)> {
+    let span = spoken.get(text.clone()).unwrap_or("");
     let words: Vec<usize> = word_end_offsets(span)
         .into_iter()
-        .map(|e| s.text.start + e)
+        .map(|e| text.start + e)
         .collect();
     if words.is_empty() {
         return Vec::new();
     }
-    let total = s.samples.len() as f64;
-    let n_ids = s.phoneme_ids.len();
-    let per_id: Vec<f64> = match &s.id_samples {
+    let total = total as f64;
+    let per_id: Vec<f64> = match id_samples {
         Some(d) if d.len() == n_ids => {
             // Scale so the durations add up to the audio actually produced.
             let sum: f64 = d.iter().map(|&x| f64::from(x)).sum::<f64>().max(1.0);
@@ -376,12 +581,12 @@ pub fn sentence_word_ends(s: &SentenceAudio, spoken: &str) -> Vec<(usize, u64)> 
         _ => vec![total / n_ids.max(1) as f64; n_ids],
     };
     // Piper's layout: BOS PAD (phoneme PAD)* EOS, one id per phoneme for espeak voices.
-    let one_id_each = n_ids == 2 * s.phonemes.len() + 3;
+    let one_id_each = n_ids == 2 * phonemes.len() + 3;
     let mut group_ends = Vec::new();
     if one_id_each {
         let mut t = per_id[0] + per_id[1];
         let mut in_word = false;
-        for (k, p) in s.phonemes.iter().enumerate() {
+        for (k, p) in phonemes.iter().enumerate() {
             let dur = per_id[2 + 2 * k] + per_id[3 + 2 * k];
             if p == " " {
                 if in_word {
@@ -440,24 +645,6 @@ fn word_end_offsets(s: &str) -> Vec<usize> {
     ends
 }
 
-/// Each source word is spoken when the last of its spoken words is.
-fn source_word_ends(
-    words: &[WordMap],
-    spoken_ends: &[(usize, u64)],
-    total: u64,
-) -> Vec<(usize, u64)> {
-    words
-        .iter()
-        .map(|w| {
-            let t = spoken_ends
-                .iter()
-                .find(|(end, _)| *end >= w.spoken.end)
-                .map_or(total, |&(_, t)| t);
-            (w.source.end, t)
-        })
-        .collect()
-}
-
 /// Where each received chunk sits in the output, for "what was heard".
 #[derive(Debug, Default)]
 struct Timeline {
@@ -489,7 +676,9 @@ impl Timeline {
         let mut parts: Vec<&str> = Vec::new();
         for c in &self.chunks {
             if played >= c.start + c.len {
-                parts.push(&c.text);
+                if !c.text.is_empty() {
+                    parts.push(&c.text);
+                }
                 continue;
             }
             let into = played.saturating_sub(c.start);
@@ -586,6 +775,7 @@ mod tests {
             t.record(&AudioChunk {
                 index: i,
                 text: text.into(),
+                ends_chunk: true,
                 samples: vec![0.0; len as usize],
                 sample_rate: 16_000,
                 skipped: Vec::new(),

@@ -136,3 +136,48 @@ fn multi_sentence_text_gives_one_audio_part_per_sentence() {
         &"Second one!"
     );
 }
+
+/// The voice's graph is cut at the decoder (`vits_split`), so a sentence can be decoded window
+/// by window; windows with their context frames must give the samples a whole decode gives.
+#[test]
+fn a_sentence_decoded_in_windows_equals_its_whole_decode() {
+    let mut voice = common::joe();
+    assert!(
+        voice.can_stream(),
+        "joe-medium splits into encoder and decoder"
+    );
+    let run = ort::session::RunOptions::new().expect("run options");
+    let ids = voice
+        .phoneme_ids("Your hemoglobin is normal, and your LDL is a little high.")
+        .expect("phonemizes")
+        .remove(0);
+    let sentence = voice.encode(&ids, &run).expect("encodes");
+    let frames = sentence.frames();
+    assert!(frames > 100, "{frames} frames");
+    assert_eq!(sentence.samples(), frames * 256);
+
+    let whole = voice.decode(&sentence, 0..frames, &run).expect("decodes");
+    assert_eq!(whole.len(), sentence.samples());
+    let mut windowed = Vec::new();
+    for window in [0..24, 24..72, 72..73, 73..frames] {
+        windowed.extend(
+            voice
+                .decode(&sentence, window, &run)
+                .expect("decodes a window"),
+        );
+    }
+    assert_eq!(windowed.len(), whole.len());
+    let max_diff = windowed
+        .iter()
+        .zip(&whole)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(max_diff < 1e-3, "largest difference {max_diff}");
+    let peak = whole.iter().fold(0f32, |m, s| m.max(s.abs()));
+    assert!((0.2..=1.0).contains(&peak), "streamed level: peak {peak}");
+    // Beyond the end is empty, not an error.
+    assert!(voice
+        .decode(&sentence, frames..frames + 10, &run)
+        .expect("an empty window")
+        .is_empty());
+}

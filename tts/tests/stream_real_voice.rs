@@ -32,6 +32,48 @@ fn shared_voice() -> Arc<Mutex<talkline_tts::PiperVoice>> {
     Arc::new(Mutex::new(common::joe()))
 }
 
+/// The next text chunk whole: its pieces received and joined.
+fn next_chunk(output: &mut stream::AudioOutput) -> Option<AudioChunk> {
+    let mut whole: Option<AudioChunk> = None;
+    while let Some(piece) = output.recv() {
+        let piece = piece.expect("chunk synthesizes");
+        let ends = piece.ends_chunk;
+        match whole.as_mut() {
+            None => whole = Some(piece),
+            Some(w) => join(w, piece),
+        }
+        if ends {
+            break;
+        }
+    }
+    whole
+}
+
+/// Appends `piece` to the chunk it belongs to.
+fn join(chunk: &mut AudioChunk, piece: AudioChunk) {
+    assert_eq!(
+        chunk.index, piece.index,
+        "pieces of one chunk come together"
+    );
+    let shift = chunk.samples.len() as u64;
+    let offset = match (chunk.text.is_empty(), piece.text.is_empty()) {
+        (false, false) => chunk.text.len() + 1,
+        _ => 0,
+    };
+    if !piece.text.is_empty() {
+        chunk.text = format!("{} {}", chunk.text, piece.text).trim().to_string();
+    }
+    chunk.word_ends.extend(
+        piece
+            .word_ends
+            .iter()
+            .map(|&(e, t)| (offset + e, shift + t)),
+    );
+    chunk.samples.extend_from_slice(&piece.samples);
+    chunk.skipped.extend(piece.skipped);
+    chunk.ends_chunk = piece.ends_chunk;
+}
+
 #[test]
 fn chunks_arrive_in_order_and_everything_is_heard_at_the_end() {
     let config = StreamConfig {
@@ -45,11 +87,40 @@ fn chunks_arrive_in_order_and_everything_is_heard_at_the_end() {
         }
         input.finish().expect("finish");
     });
-    let mut chunks: Vec<AudioChunk> = Vec::new();
-    while let Some(chunk) = output.recv() {
-        chunks.push(chunk.expect("chunk synthesizes"));
+    let mut pieces: Vec<AudioChunk> = Vec::new();
+    while let Some(piece) = output.recv() {
+        pieces.push(piece.expect("chunk synthesizes"));
     }
     producer.join().expect("producer thread");
+
+    // The first chunk comes in pieces, the first of them its first window of latent frames
+    // (24 frames of 256 samples at 22,050 Hz, 0.28 s); later chunks come whole.
+    let first_chunk: Vec<&AudioChunk> = pieces.iter().filter(|p| p.index == 0).collect();
+    assert!(first_chunk.len() > 1, "{} piece(s)", first_chunk.len());
+    let window_at_48k = stream::FIRST_WINDOW_FRAMES as f64 * 256.0 * 48_000.0 / 22_050.0;
+    assert!(
+        (first_chunk[0].samples.len() as f64) < window_at_48k,
+        "first piece: {} samples",
+        first_chunk[0].samples.len()
+    );
+    assert!(pieces.iter().filter(|p| p.index > 0).all(|p| p.ends_chunk));
+    for p in &pieces {
+        // Word times stay inside their piece.
+        assert!(
+            p.word_ends
+                .iter()
+                .all(|&(e, t)| e <= p.text.len() && t <= p.samples.len() as u64),
+            "{p:?}"
+        );
+    }
+    // Joined, the pieces are the chunks.
+    let mut chunks: Vec<AudioChunk> = Vec::new();
+    for p in pieces {
+        match chunks.last_mut() {
+            Some(c) if c.index == p.index => join(c, p),
+            _ => chunks.push(p),
+        }
+    }
 
     let texts: Vec<&str> = chunks.iter().map(|c| c.text.as_str()).collect();
     assert_eq!(
@@ -95,8 +166,8 @@ fn cancel_mid_chunk_reports_the_spoken_prefix() {
     for t in tokens(TEXT) {
         input.push(&t).expect("push");
     }
-    let first = output.recv().expect("a first chunk").expect("synthesizes");
-    let second = output.recv().expect("a second chunk").expect("synthesizes");
+    let first = next_chunk(&mut output).expect("a first chunk");
+    let second = next_chunk(&mut output).expect("a second chunk");
     // The listener heard all of the first chunk and most of the second.
     let played = first.samples.len() as u64 + second.samples.len() as u64 * 3 / 4;
     let heard = output.cancel(played);
@@ -127,7 +198,7 @@ fn a_new_stream_on_the_same_voice_works_after_a_cancel() {
             .push("Your results are back, and they look good.")
             .expect("push");
         // Cancel while the second chunk may be in the model.
-        let first = output.recv().expect("a chunk").expect("synthesizes");
+        let first = next_chunk(&mut output).expect("a chunk");
         assert!(!first.samples.is_empty(), "round {round}");
         let heard = output.cancel(first.samples.len() as u64);
         assert_eq!(heard.text, "Your results are back,", "round {round}");
@@ -161,7 +232,7 @@ fn ten_kilobytes_stream_and_cancel_right_after_the_first_chunk() {
         let _ = input.finish();
         result
     });
-    let first = output.recv().expect("a first chunk").expect("synthesizes");
+    let first = next_chunk(&mut output).expect("a first chunk");
     assert_eq!(first.text, "The value is within the normal range.");
     let heard = output.cancel(0);
     assert_eq!(heard.text, "");
@@ -182,8 +253,8 @@ fn emoji_unknown_scripts_and_empty_text_do_not_panic() {
     input.push("").expect("empty push");
     input.finish().expect("finish");
     let mut chunks = Vec::new();
-    while let Some(chunk) = output.recv() {
-        chunks.push(chunk.expect("chunk synthesizes"));
+    while let Some(chunk) = next_chunk(&mut output) {
+        chunks.push(chunk);
     }
     assert_eq!(chunks.len(), 2);
     assert!(chunks[0].samples.len() > 10_000);

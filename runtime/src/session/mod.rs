@@ -190,7 +190,10 @@ impl Playing {
         let mut words = Vec::new();
         for chunk in &self.chunks {
             if self.played >= chunk.start + chunk.len {
-                words.push(chunk.text.trim().to_string());
+                // A piece within a word has no text of its own.
+                if !chunk.text.trim().is_empty() {
+                    words.push(chunk.text.trim().to_string());
+                }
                 continue;
             }
             let heard_to = chunk

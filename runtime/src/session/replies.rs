@@ -134,8 +134,13 @@ impl FallbackLine {
         let text = text.trim().to_string();
         let mut chunks = Vec::new();
         if !text.is_empty() {
-            let (mut text_in, mut audio_out) =
-                stream::start(voice.clone(), StreamConfig::default())?;
+            // Whole chunks: the line is resampled chunk by chunk for each session's rate, and
+            // its latency does not matter (it is ready before any call).
+            let config = StreamConfig {
+                first_window_frames: None,
+                ..StreamConfig::default()
+            };
+            let (mut text_in, mut audio_out) = stream::start(voice.clone(), config)?;
             text_in.push(&text)?;
             text_in.finish()?;
             while let Some(chunk) = audio_out.recv() {
@@ -607,7 +612,9 @@ fn forward_audio(
             break;
         }
         match chunk {
-            Ok(chunk) if chunk.samples.is_empty() => {}
+            // A piece within a word, with nothing to play; one with words is still queued, or
+            // they would be missing from what was heard.
+            Ok(chunk) if chunk.samples.is_empty() && chunk.text.is_empty() => {}
             Ok(chunk) => {
                 let n = chunk.samples.len() as u64;
                 let msg = ReplyMsg::Audio {
@@ -634,6 +641,7 @@ mod tests {
         AudioChunk {
             index: 0,
             text: text.into(),
+            ends_chunk: true,
             samples: vec![0.1; samples],
             sample_rate: 16_000,
             skipped: Vec::new(),
