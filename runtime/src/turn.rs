@@ -362,9 +362,15 @@ impl TurnManager {
                     Completeness::Unsure => self.config.unsure_end_delay_s,
                     Completeness::CutOff => self.config.max_end_delay_s,
                 };
-                self.end_turn_at = Some((end + delay).max(now));
-                self.actions
-                    .push_back(TurnAction::EstimateEndOfUtterance { text: turn });
+                let end_turn_at = (end + delay).max(now);
+                self.end_turn_at = Some(end_turn_at);
+                // The estimate can only bring the end forward, to `min_end_delay_s` after the
+                // speech; when that is no sooner (the Final itself came late enough), it would be
+                // an LLM run for nothing, just when the reply needs the cores.
+                if (end + self.config.min_end_delay_s).max(now) < end_turn_at {
+                    self.actions
+                        .push_back(TurnAction::EstimateEndOfUtterance { text: turn });
+                }
             }
         }
     }
@@ -591,12 +597,9 @@ mod tests {
         );
         t.on_asr(2.0, &AsrEvent::SpeechEnded { at: 1.8 });
         t.on_asr(2.0, &final_("is my hemoglobin normal", 1.8));
-        assert!(matches!(
-            drain(&mut t)[..],
-            [TurnAction::EstimateEndOfUtterance { .. }]
-        ));
-        t.on_end_of_utterance(2.02, "is my hemoglobin normal", 0.9);
-        tick(&mut t, 2.02);
+        // 200 ms of silence already is the wait an unpunctuated turn gets: no estimate could
+        // end it sooner, so none is asked for.
+        tick(&mut t, 2.0);
         assert_eq!(drain(&mut t), vec![TurnAction::CommitReply { reply: 1 }]);
         assert_eq!(t.stats().speculative_hits, 1);
     }
@@ -766,7 +769,13 @@ mod tests {
         t.on_asr(0.5, &AsrEvent::SpeechStarted { at: 0.4 });
         t.on_asr(1.2, &AsrEvent::SpeechEnded { at: 1.0 });
         t.on_asr(1.25, &final_("I wanted to ask about", 1.0));
-        drain(&mut t);
+        // The wait is long enough for the LLM's estimate to matter: it is asked for.
+        assert_eq!(
+            drain(&mut t),
+            vec![TurnAction::EstimateEndOfUtterance {
+                text: "I wanted to ask about".into()
+            }]
+        );
         assert_eq!(
             t.poll_timeout(),
             Some(1.5),
