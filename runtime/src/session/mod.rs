@@ -372,11 +372,11 @@ async fn run_session(
                 match &event {
                     AsrEvent::SpeechStarted { .. } => {
                         let context = lock(&agent).speculate("");
-                        prefill_while_speaking(&chat, &prefill_busy, context);
+                        launcher.track(prefill_while_speaking(&chat, &prefill_busy, context));
                     }
                     AsrEvent::Partial { committed, .. } if !committed.is_empty() => {
                         let context = lock(&agent).speculate(committed);
-                        prefill_while_speaking(&chat, &prefill_busy, context);
+                        launcher.track(prefill_while_speaking(&chat, &prefill_busy, context));
                     }
                     _ => {}
                 }
@@ -576,8 +576,10 @@ async fn run_session(
                                     .blocking_send(ReplyMsg::EndOfUtterance { text, probability });
                             }
                         });
-                    if let Err(e) = spawned {
-                        tracing::warn!("cannot estimate the end of utterance: {e}");
+                    match spawned {
+                        // Joined with the utterance threads when the session closes.
+                        Ok(handle) => launcher.track(Some(handle)),
+                        Err(e) => tracing::warn!("cannot estimate the end of utterance: {e}"),
                     }
                 }
                 TurnAction::SetVadThreshold { threshold } => {
@@ -626,13 +628,13 @@ fn prefill_while_speaking(
     chat: &Arc<Mutex<Box<dyn ChatSession>>>,
     busy: &Arc<std::sync::atomic::AtomicBool>,
     context: Option<LlmRequest>,
-) {
+) -> Option<std::thread::JoinHandle<()>> {
     use std::sync::atomic::Ordering;
     let Some(LlmRequest { messages, .. }) = context else {
-        return; // the agent does not say what it will ask before the turn is confirmed
+        return None; // the agent does not say what it will ask before the turn is confirmed
     };
     if busy.swap(true, Ordering::AcqRel) {
-        return;
+        return None;
     }
     let (chat, busy_flag) = (chat.clone(), busy.clone());
     let spawned = std::thread::Builder::new()
@@ -645,8 +647,12 @@ fn prefill_while_speaking(
             }
             busy_flag.store(false, Ordering::Release);
         });
-    if spawned.is_err() {
-        busy.store(false, Ordering::Release);
+    match spawned {
+        Ok(handle) => Some(handle),
+        Err(_) => {
+            busy.store(false, Ordering::Release);
+            None
+        }
     }
 }
 

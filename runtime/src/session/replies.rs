@@ -300,6 +300,13 @@ impl Launcher {
         self.handles.extend(handle);
     }
 
+    /// Keeps a helper thread of the session (a prefill, an end-of-utterance estimate) to be
+    /// joined with the utterance threads; the ones already ended are let go.
+    pub(super) fn track(&mut self, handle: Option<JoinHandle<()>>) {
+        self.handles.retain(|h| !h.is_finished());
+        self.handles.extend(handle);
+    }
+
     /// Waits up to `within` for every utterance thread to end (their replies must have been
     /// cancelled and the reply queue closed, or they may wait on it); says how many did not.
     pub(super) async fn join(&mut self, within: Duration) -> usize {
