@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt};
 use talkline_tests::fault_server::{FaultServer, Mode};
 use talkline_tests::sip_caller::{free_udp_port, header, status, Caller};
-use talkline_tests::{espeak_16k, pcm16, start_server, start_server_logging, Server};
+use talkline_tests::{espeak_16k, pcm16, start_server, start_server_logging, ws_hello_16k, Server};
 use tokio_tungstenite::tungstenite::Message;
 
 /// The server's config: the LLM is the scripted server at `base_url`, which records every
@@ -26,14 +26,7 @@ fn config(dir: &std::path::Path, base_url: &str) -> std::path::PathBuf {
 /// One WebSocket caller: says `text` in real time, then collects every event (as JSON text)
 /// until the turn ends, and hangs up.
 async fn call_saying(addr: &str, text: &str) -> Vec<String> {
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
-        .await
-        .expect("connects");
-    ws.send(Message::Text(
-        r#"{"type":"hello","sample_rate":16000}"#.into(),
-    ))
-    .await
-    .expect("hello sent");
+    let ws = ws_hello_16k(addr).await;
     let mut audio = vec![0.0f32; 8_000];
     audio.extend(espeak_16k(text));
     audio.extend(vec![0.0f32; 16_000 * 12]);
@@ -161,14 +154,7 @@ fn within(now: Footprint, baseline: Footprint) -> bool {
 
 /// A short WebSocket session: hello, half a second of silence, bye, and the server's close.
 async fn short_ws_session(addr: &str) {
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
-        .await
-        .expect("connects");
-    ws.send(Message::Text(
-        r#"{"type":"hello","sample_rate":16000}"#.into(),
-    ))
-    .await
-    .expect("hello sent");
+    let mut ws = ws_hello_16k(addr).await;
     for _ in 0..25 {
         ws.send(Message::Binary(pcm16(&[0.0; 320]).into()))
             .await

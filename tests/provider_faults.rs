@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use talkline_tests::fault_server::{FaultServer, Mode};
-use talkline_tests::{espeak_16k, pcm16, start_server, Server};
+use talkline_tests::{espeak_16k, pcm16, start_server, ws_hello_16k, Server};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -87,14 +87,7 @@ fn rms((sum, n): (f64, usize)) -> f64 {
 
 impl Call {
     async fn connect(addr: &str) -> Call {
-        let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
-            .await
-            .expect("connects");
-        ws.send(Message::Text(
-            r#"{"type":"hello","sample_rate":16000}"#.into(),
-        ))
-        .await
-        .expect("hello sent");
+        let ws = ws_hello_16k(addr).await;
         let (mut tx, mut rx) = ws.split();
         let (cmd, mut cmd_rx) = mpsc::unbounded_channel::<Cmd>();
         let (ev_tx, events) = mpsc::unbounded_channel();

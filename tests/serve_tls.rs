@@ -47,6 +47,21 @@ fn https_client(cert_pem: &str, addr: &str) -> reqwest::Client {
         .unwrap()
 }
 
+/// `dir/talkline.toml`: `sections`, then a `[tls]` section naming `cert` and `key`.
+fn tls_config(dir: &Path, sections: &str, cert: &Path, key: &Path) -> PathBuf {
+    let config = dir.join("talkline.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "{sections}[tls]\ncert = {:?}\nkey = {:?}\n",
+            cert.display().to_string(),
+            key.display().to_string()
+        ),
+    )
+    .unwrap();
+    config
+}
+
 fn port(addr: &str) -> &str {
     addr.rsplit(':').next().unwrap()
 }
@@ -55,17 +70,9 @@ fn port(addr: &str) -> &str {
 fn wss_and_https_work_with_a_self_signed_certificate_and_plain_http_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (cert, key, cert_pem) = self_signed(dir.path(), "server");
-    let config = dir.path().join("talkline.toml");
     // The greeting gives the agent something to say over WSS without any speech recognition.
-    std::fs::write(
-        &config,
-        format!(
-            "[agent]\ngreeting = \"Hello, this is the clinic.\"\n[tls]\ncert = {:?}\nkey = {:?}\n",
-            cert.display().to_string(),
-            key.display().to_string()
-        ),
-    )
-    .unwrap();
+    let greeting = "[agent]\ngreeting = \"Hello, this is the clinic.\"\n";
+    let config = tls_config(dir.path(), greeting, &cert, &key);
     let mut server = start_server(&["--config", config.to_str().unwrap()]);
     let addr = server.addr.clone();
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -184,19 +191,18 @@ fn missing_unreadable_or_mismatched_tls_files_fail_at_start_naming_the_file() {
     let missing = dir.path().join("missing.pem");
     let garbage = dir.path().join("garbage.pem");
     std::fs::write(&garbage, "not a PEM file\n").unwrap();
-    let serve = |cert: &Path, key: &Path| {
-        let out = talkline(
-            &[
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--tls-cert",
-                cert.to_str().unwrap(),
-                "--tls-key",
-                key.to_str().unwrap(),
-            ],
-            &[],
-        );
+    let serve = |cert: &Path, key: Option<&Path>| {
+        let mut args = vec![
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            cert.to_str().unwrap(),
+        ];
+        if let Some(key) = key {
+            args.extend(["--tls-key", key.to_str().unwrap()]);
+        }
+        let out = talkline(&args, &[]);
         assert!(!out.status.success(), "served with {cert:?} and {key:?}");
         stderr(&out)
     };
@@ -208,23 +214,14 @@ fn missing_unreadable_or_mismatched_tls_files_fail_at_start_naming_the_file() {
         (&cert, &other_key, &other_key, "cannot be used together"),
     ];
     for (cert, key, named, reason) in cases {
-        let err = serve(cert, key);
+        let err = serve(cert, Some(key));
         assert!(
             err.contains(&named.display().to_string()) && err.contains(reason),
             "{cert:?} + {key:?}: {err}"
         );
     }
     // `talkline config check` reports the same problem.
-    let config = dir.path().join("talkline.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[tls]\ncert = {:?}\nkey = {:?}\n",
-            cert.display().to_string(),
-            other_key.display().to_string()
-        ),
-    )
-    .unwrap();
+    let config = tls_config(dir.path(), "", &cert, &other_key);
     let out = talkline(
         &["config", "check", "--config", config.to_str().unwrap()],
         &[],
@@ -236,16 +233,6 @@ fn missing_unreadable_or_mismatched_tls_files_fail_at_start_naming_the_file() {
         "{report}"
     );
     // Half a configuration is an error too.
-    let out = talkline(
-        &[
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--tls-cert",
-            cert.to_str().unwrap(),
-        ],
-        &[],
-    );
-    assert!(!out.status.success());
-    assert!(stderr(&out).contains("--tls-key"), "{}", stderr(&out));
+    let err = serve(&cert, None);
+    assert!(err.contains("--tls-key"), "{err}");
 }

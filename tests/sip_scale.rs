@@ -34,6 +34,13 @@ struct SippRun {
     errors: String,
 }
 
+impl SippRun {
+    /// sipp ended well, with all of its `calls` successful.
+    fn completed(&self, calls: usize) -> bool {
+        self.exit_ok && self.successful == calls as u64 && self.failed == 0
+    }
+}
+
 /// The caller that asks `dir/question.ulaw` and hangs up after sipp's `-d`.
 const ASKS: &str = "uac_question.xml";
 /// The caller that stays silent until the agent hangs up on it.
@@ -141,7 +148,7 @@ fn twenty_concurrent_sipp_calls_complete_without_failures() {
 
     let run = sipp_calls(dir.path(), ASKS, &sip, CALLS, CALLS, HOLD);
     assert!(
-        run.exit_ok && run.successful == CALLS as u64 && run.failed == 0,
+        run.completed(CALLS),
         "sipp: {} successful, {} failed (exit ok: {}):\n{}",
         run.successful,
         run.failed,
@@ -220,26 +227,23 @@ fn kamailio_spreads_calls_over_two_instances_and_fails_over_when_one_dies() {
     let proxy_addr = format!("127.0.0.1:{}", free_udp_port());
     let _proxy = kamailio(dir.path(), &proxy_addr, &[&sip_a, &sip_b]);
     let proxy_log = || std::fs::read_to_string(dir.path().join("kamailio.log")).unwrap_or_default();
+    let calls_through_proxy = |when: &str| {
+        let hold = Duration::from_secs(2);
+        let run = sipp_calls(dir.path(), ASKS, &proxy_addr, CALLS, 2, hold);
+        assert!(
+            run.completed(CALLS),
+            "{when}: {} successful, {} failed:\n{}\n{}",
+            run.successful,
+            run.failed,
+            run.errors,
+            proxy_log()
+        );
+    };
     write_question(dir.path());
 
     // Round-robin: both instances take calls. The ACK and BYE pass through the proxy (it
     // record-routes), so a call only succeeds if talkline kept the route.
-    let run = sipp_calls(
-        dir.path(),
-        ASKS,
-        &proxy_addr,
-        CALLS,
-        2,
-        Duration::from_secs(2),
-    );
-    assert!(
-        run.exit_ok && run.successful == CALLS as u64 && run.failed == 0,
-        "through kamailio: {} successful, {} failed:\n{}\n{}",
-        run.successful,
-        run.failed,
-        run.errors,
-        proxy_log()
-    );
+    calls_through_proxy("through kamailio");
     let calls_a = metric(
         &wait_for_metric(&a.addr, SESSIONS_ACTIVE, 0.0, Duration::from_secs(10)),
         SIP_CALLS,
@@ -258,22 +262,7 @@ fn kamailio_spreads_calls_over_two_instances_and_fails_over_when_one_dies() {
     // the kill may still go to the dead one (until a probe goes unanswered): it times out and
     // fails over.
     drop(a);
-    let run = sipp_calls(
-        dir.path(),
-        ASKS,
-        &proxy_addr,
-        CALLS,
-        2,
-        Duration::from_secs(2),
-    );
-    assert!(
-        run.exit_ok && run.successful == CALLS as u64 && run.failed == 0,
-        "after one instance died: {} successful, {} failed:\n{}\n{}",
-        run.successful,
-        run.failed,
-        run.errors,
-        proxy_log()
-    );
+    calls_through_proxy("after one instance died");
     let metrics = wait_for_metric(&b.addr, SESSIONS_ACTIVE, 0.0, Duration::from_secs(10));
     assert_eq!(
         metric(&metrics, SIP_CALLS),
@@ -286,7 +275,7 @@ fn kamailio_spreads_calls_over_two_instances_and_fails_over_when_one_dies() {
     // and the BYE only reaches it along the recorded route.
     let run = sipp_calls(dir.path(), WAITS_FOR_BYE, &proxy_addr, 1, 1, Duration::ZERO);
     assert!(
-        run.exit_ok && run.successful == 1 && run.failed == 0,
+        run.completed(1),
         "talkline's BYE did not reach the caller through kamailio:\n{}\n{}",
         run.errors,
         proxy_log()

@@ -33,6 +33,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::serve::IncomingStream;
 use axum::Router;
+use futures_util::stream::SplitSink;
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::json;
@@ -523,6 +524,93 @@ pub(crate) async fn end_after_read_error(
     anyhow::Error::new(error).context("reading the WebSocket")
 }
 
+/// A session behind a WebSocket (`/ws`, `/twilio`): its task, the queues into it, and the task
+/// that writes its output to the socket.
+pub(crate) struct SocketSession {
+    pub(crate) input_tx: mpsc::Sender<Vec<f32>>,
+    pub(crate) keys_tx: mpsc::Sender<char>,
+    close_tx: mpsc::Sender<CloseFrame>,
+    cancel: CancellationToken,
+    session: tokio::task::JoinHandle<anyhow::Result<()>>,
+    writer: tokio::task::JoinHandle<()>,
+}
+
+impl SocketSession {
+    /// Starts a session at `rate`, and a writer that sends each of its outputs to `sink` as
+    /// `encode` makes it (`None`: nothing to send).
+    pub(crate) fn start(
+        shared: Arc<Shared>,
+        rate: u32,
+        input_queue: usize,
+        name: String,
+        mut sink: SplitSink<WebSocket, WsMessage>,
+        mut encode: impl FnMut(SessionOutput) -> Option<WsMessage> + Send + 'static,
+    ) -> SocketSession {
+        let (input_tx, input_rx) = mpsc::channel::<Vec<f32>>(input_queue);
+        let (keys_tx, keys_rx) = mpsc::channel::<char>(KEY_QUEUE);
+        let (output_tx, mut output_rx) = mpsc::channel::<SessionOutput>(session::OUTPUT_QUEUE);
+        // At most one close frame, ahead of any queued output.
+        let (close_tx, mut close_rx) = mpsc::channel::<CloseFrame>(1);
+        let cancel = CancellationToken::new();
+        let session = tokio::spawn(session::run_with_keys(
+            shared,
+            rate,
+            input_rx,
+            Some(keys_rx),
+            output_tx,
+            cancel.clone(),
+            name,
+        ));
+        let writer = tokio::spawn(async move {
+            loop {
+                let out = tokio::select! {
+                    biased;
+                    Some(frame) = close_rx.recv() => {
+                        let _ = sink.send(WsMessage::Close(Some(frame))).await;
+                        return;
+                    }
+                    out = output_rx.recv() => match out {
+                        Some(out) => out,
+                        None => break,
+                    },
+                };
+                let Some(msg) = encode(out) else {
+                    continue;
+                };
+                if sink.send(msg).await.is_err() {
+                    break;
+                }
+            }
+            let _ = sink.close().await;
+        });
+        SocketSession {
+            input_tx,
+            keys_tx,
+            close_tx,
+            cancel,
+            session,
+            writer,
+        }
+    }
+
+    /// Ends the session once the socket is read to its end; `close` goes out ahead of any
+    /// output still queued, and the writer gets [`CLOSE_GRACE`] to send it.
+    pub(crate) async fn finish(mut self, close: Option<CloseFrame>) -> anyhow::Result<()> {
+        let closing = close.is_some();
+        if let Some(frame) = close {
+            let _ = self.close_tx.try_send(frame);
+        }
+        drop(self.input_tx);
+        self.cancel.cancel();
+        let result = self.session.await;
+        if closing {
+            let _ = tokio::time::timeout(CLOSE_GRACE, &mut self.writer).await;
+        }
+        self.writer.abort();
+        result.map_err(|e| anyhow::anyhow!("session task failed: {e}"))?
+    }
+}
+
 fn error_event(message: &str) -> WsMessage {
     WsMessage::Text(
         json!({"type": "error", "message": message})
@@ -585,53 +673,21 @@ async fn handle_socket(mut socket: WebSocket, shared: Arc<Shared>, id: u64) -> a
     ))
     .await?;
 
-    let (input_tx, input_rx) = mpsc::channel::<Vec<f32>>(INPUT_QUEUE);
-    let (keys_tx, keys_rx) = mpsc::channel::<char>(KEY_QUEUE);
-    let (output_tx, mut output_rx) = mpsc::channel::<SessionOutput>(session::OUTPUT_QUEUE);
-    // At most one close frame, ahead of any queued output.
-    let (close_tx, mut close_rx) = mpsc::channel::<CloseFrame>(1);
-    let cancel = CancellationToken::new();
-    let session = tokio::spawn(session::run_with_keys(
-        shared,
-        rate,
-        input_rx,
-        Some(keys_rx),
-        output_tx,
-        cancel.clone(),
-        format!("ws-{id}"),
-    ));
-    let mut writer = tokio::spawn(async move {
-        loop {
-            let out = tokio::select! {
-                biased;
-                Some(frame) = close_rx.recv() => {
-                    let _ = sink.send(WsMessage::Close(Some(frame))).await;
-                    return;
-                }
-                out = output_rx.recv() => match out {
-                    Some(out) => out,
-                    None => break,
-                },
-            };
-            let msg = match out {
-                SessionOutput::Audio(samples) => WsMessage::Binary(
-                    samples
-                        .iter()
-                        .flat_map(|s| ((s.clamp(-1.0, 1.0) * 32767.0) as i16).to_le_bytes())
-                        .collect::<Vec<u8>>()
-                        .into(),
-                ),
-                SessionOutput::Clear => {
-                    WsMessage::Text(json!({"type": "clear"}).to_string().into())
-                }
-                SessionOutput::Event(e) => WsMessage::Text(e.to_string().into()),
-            };
-            if sink.send(msg).await.is_err() {
-                break;
-            }
-        }
-        let _ = sink.close().await;
-    });
+    let encode = |out| {
+        Some(match out {
+            SessionOutput::Audio(samples) => WsMessage::Binary(
+                samples
+                    .iter()
+                    .flat_map(|s| ((s.clamp(-1.0, 1.0) * 32767.0) as i16).to_le_bytes())
+                    .collect::<Vec<u8>>()
+                    .into(),
+            ),
+            SessionOutput::Clear => WsMessage::Text(json!({"type": "clear"}).to_string().into()),
+            SessionOutput::Event(e) => WsMessage::Text(e.to_string().into()),
+        })
+    };
+    let name = format!("ws-{id}");
+    let session = SocketSession::start(shared, rate, INPUT_QUEUE, name, sink, encode);
 
     let mut resampler = To16k::new(rate)?;
     let mut dropped = 0u64;
@@ -645,7 +701,7 @@ async fn handle_socket(mut socket: WebSocket, shared: Arc<Shared>, id: u64) -> a
                     continue;
                 };
                 let audio = resampler.push(&samples);
-                if !audio.is_empty() && input_tx.try_send(audio).is_err() {
+                if !audio.is_empty() && session.input_tx.try_send(audio).is_err() {
                     dropped += 1;
                 }
             }
@@ -653,7 +709,7 @@ async fn handle_socket(mut socket: WebSocket, shared: Arc<Shared>, id: u64) -> a
                 Ok(ClientMessage::Bye) => break,
                 Ok(ClientMessage::Dtmf { digit }) => match parse_key(&digit) {
                     Some(key) => {
-                        let _ = keys_tx.try_send(key);
+                        let _ = session.keys_tx.try_send(key);
                     }
                     None => errors.push("a dtmf digit must be one of 0-9, * and #"),
                 },
@@ -678,23 +734,11 @@ async fn handle_socket(mut socket: WebSocket, shared: Arc<Shared>, id: u64) -> a
             "input frames dropped: the session fell behind"
         );
     }
-    let closing = close.is_some();
-    if let Some(frame) = close {
+    if close.is_some() {
         tracing::info!(
             session = id,
             "a message over {MAX_MESSAGE_BYTES} bytes; closing with 1009"
         );
-        let _ = close_tx.try_send(frame);
     }
-    drop(input_tx);
-    cancel.cancel();
-    let result = session.await;
-    if closing {
-        let _ = tokio::time::timeout(CLOSE_GRACE, &mut writer).await;
-    }
-    writer.abort();
-    match result {
-        Ok(r) => r,
-        Err(e) => Err(anyhow::anyhow!("session task failed: {e}")),
-    }
+    session.finish(close).await
 }

@@ -4,16 +4,15 @@
 
 use std::sync::Arc;
 
-use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket};
+use axum::extract::ws::{Message as WsMessage, WebSocket};
 use base64::Engine as _;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use talkline_asr::audio::To16k;
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
 
-use crate::session::{self, SessionOutput, Shared};
+use crate::serve::SocketSession;
+use crate::session::{SessionOutput, Shared};
 
 /// Telephony audio: G.711 μ-law, 8 kHz mono.
 pub const RATE: u32 = 8_000;
@@ -144,60 +143,31 @@ pub async fn handle_socket(
             _ => {}
         }
     };
-    let (mut sink, mut stream) = socket.split();
-    let (input_tx, input_rx) = mpsc::channel::<Vec<f32>>(INPUT_QUEUE);
-    let (keys_tx, keys_rx) = mpsc::channel::<char>(crate::serve::KEY_QUEUE);
-    let (output_tx, mut output_rx) = mpsc::channel::<SessionOutput>(session::OUTPUT_QUEUE);
-    // At most one close frame, ahead of any queued output.
-    let (close_tx, mut close_rx) = mpsc::channel::<CloseFrame>(1);
-    let cancel = CancellationToken::new();
-    let session = tokio::spawn(session::run_with_keys(
-        shared,
-        RATE,
-        input_rx,
-        Some(keys_rx),
-        output_tx,
-        cancel.clone(),
-        format!("twilio-{id}"),
-    ));
+    let (sink, mut stream) = socket.split();
     let sid = stream_sid.clone();
-    let mut writer = tokio::spawn(async move {
-        let b64 = base64::engine::general_purpose::STANDARD;
-        let mut turn = 0u64;
-        loop {
-            let out = tokio::select! {
-                biased;
-                Some(frame) = close_rx.recv() => {
-                    let _ = sink.send(WsMessage::Close(Some(frame))).await;
-                    return;
-                }
-                out = output_rx.recv() => match out {
-                    Some(out) => out,
-                    None => break,
-                },
-            };
-            let msg = match out {
-                SessionOutput::Audio(samples) => {
-                    let bytes: Vec<u8> = samples
-                        .iter()
-                        .map(|s| mulaw_encode((s.clamp(-1.0, 1.0) * 32767.0) as i16))
-                        .collect();
-                    json!({"event": "media", "streamSid": sid, "media": {"payload": b64.encode(bytes)}})
-                }
-                SessionOutput::Clear => json!({"event": "clear", "streamSid": sid}),
-                SessionOutput::Event(e) if e["type"] == "turn" => {
-                    // A mark after each reply: the provider echoes it once the audio has played.
-                    turn += 1;
-                    json!({"event": "mark", "streamSid": sid, "mark": {"name": format!("turn-{turn}")}})
-                }
-                SessionOutput::Event(_) => continue,
-            };
-            if sink.send(text(msg)).await.is_err() {
-                break;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut turn = 0u64;
+    let encode = move |out| {
+        let msg = match out {
+            SessionOutput::Audio(samples) => {
+                let bytes: Vec<u8> = samples
+                    .iter()
+                    .map(|s| mulaw_encode((s.clamp(-1.0, 1.0) * 32767.0) as i16))
+                    .collect();
+                json!({"event": "media", "streamSid": sid, "media": {"payload": b64.encode(bytes)}})
             }
-        }
-        let _ = sink.close().await;
-    });
+            SessionOutput::Clear => json!({"event": "clear", "streamSid": sid}),
+            SessionOutput::Event(e) if e["type"] == "turn" => {
+                // A mark after each reply: the provider echoes it once the audio has played.
+                turn += 1;
+                json!({"event": "mark", "streamSid": sid, "mark": {"name": format!("turn-{turn}")}})
+            }
+            SessionOutput::Event(_) => return None,
+        };
+        Some(text(msg))
+    };
+    let name = format!("twilio-{id}");
+    let session = SocketSession::start(shared, RATE, INPUT_QUEUE, name, sink, encode);
 
     let mut resampler = To16k::new(RATE)?;
     let mut dropped = 0u64;
@@ -219,7 +189,7 @@ pub async fn handle_socket(
             Ok(Inbound::Media { media }) => match decode_media_payload(&media.payload) {
                 Ok(samples) => {
                     let audio = resampler.push(&samples);
-                    if !audio.is_empty() && input_tx.try_send(audio).is_err() {
+                    if !audio.is_empty() && session.input_tx.try_send(audio).is_err() {
                         dropped += 1;
                     }
                 }
@@ -227,7 +197,7 @@ pub async fn handle_socket(
             },
             Ok(Inbound::Dtmf { dtmf }) => match crate::serve::parse_key(&dtmf.digit) {
                 Some(key) => {
-                    let _ = keys_tx.try_send(key);
+                    let _ = session.keys_tx.try_send(key);
                 }
                 None => tracing::info!(session = id, "ignored a dtmf event with a bad digit"),
             },
@@ -243,19 +213,10 @@ pub async fn handle_socket(
             "input dropped: the session fell behind"
         );
     }
-    let closing = close.is_some();
-    if let Some(frame) = close {
+    if close.is_some() {
         tracing::info!(session = id, "an oversize message; closing with 1009");
-        let _ = close_tx.try_send(frame);
     }
-    drop(input_tx);
-    cancel.cancel();
-    let result = session.await;
-    if closing {
-        let _ = tokio::time::timeout(crate::serve::CLOSE_GRACE, &mut writer).await;
-    }
-    writer.abort();
-    result.map_err(|e| anyhow::anyhow!("session task failed: {e}"))?
+    session.finish(close).await
 }
 
 #[cfg(test)]

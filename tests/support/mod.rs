@@ -4,6 +4,10 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use futures_util::SinkExt;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
 pub mod fault_server;
 pub mod sip;
 pub mod sip_caller;
@@ -154,6 +158,19 @@ pub fn pcm16(samples: &[f32]) -> Vec<u8> {
         .iter()
         .flat_map(|s| ((s.clamp(-1.0, 1.0) * 32767.0) as i16).to_le_bytes())
         .collect()
+}
+
+/// A `/ws` session on the server at `addr` (host:port), its hello for 16 kHz audio sent.
+pub async fn ws_hello_16k(addr: &str) -> WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>> {
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
+        .await
+        .expect("connects");
+    ws.send(Message::Text(
+        r#"{"type":"hello","sample_rate":16000}"#.into(),
+    ))
+    .await
+    .expect("hello sent");
+    ws
 }
 
 /// Reads a 16-bit PCM WAV as f32 in [-1, 1].

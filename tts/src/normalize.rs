@@ -578,7 +578,8 @@ fn integer_words(digits: &str) -> String {
     cardinal(n)
 }
 
-fn cardinal(n: u64) -> String {
+/// `n` in words, as the voice says it: 131 is "one hundred thirty-one".
+pub fn cardinal(n: u64) -> String {
     const ONES: [&str; 20] = [
         "zero",
         "one",
@@ -642,7 +643,8 @@ fn cardinal(n: u64) -> String {
     unreachable!("every n >= 1000 is covered by a scale")
 }
 
-fn ordinal(n: u64) -> String {
+/// `n` as an ordinal in words: 21 is "twenty-first".
+pub fn ordinal(n: u64) -> String {
     let words = cardinal(n);
     let (head, last) = match words.rsplit_once(' ') {
         Some((h, l)) => (format!("{h} "), l.to_string()),
@@ -688,6 +690,11 @@ const MONTHS: [&str; 12] = [
     "November",
     "December",
 ];
+
+/// The month names, January first.
+pub const fn month_names() -> &'static [&'static str; 12] {
+    &MONTHS
+}
 
 fn date_words(year: u64, month: u64, day: u64) -> Option<String> {
     if !(1..=12).contains(&month) || !(1..=31).contains(&day) {

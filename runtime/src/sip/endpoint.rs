@@ -287,6 +287,36 @@ struct Call {
     transfer: Option<Transfer>,
 }
 
+impl Call {
+    /// Our next request in the dialog (BYE, REFER): the next CSeq, to the remote target, through
+    /// the route set, then `extra_headers`.
+    fn next_request(
+        &mut self,
+        local: &Local,
+        method: &str,
+        id: &str,
+        branch: &str,
+        contact: Option<&str>,
+        extra_headers: &[(&'static str, String)],
+    ) -> Vec<u8> {
+        self.local_cseq += 1;
+        let mut headers = route_headers(&self.route_set);
+        headers.extend_from_slice(extra_headers);
+        OutgoingRequest {
+            method,
+            uri: &self.remote_target,
+            via: via(local, self.peer.transport, branch),
+            from: &self.local_party,
+            to: &self.remote_party,
+            call_id: id,
+            cseq: self.local_cseq,
+            contact,
+            body: None,
+        }
+        .to_bytes_with(&headers)
+    }
+}
+
 /// What `--sip-register` asks for.
 #[derive(Clone)]
 pub struct RegisterConfig {
@@ -1267,23 +1297,19 @@ impl Endpoint {
         if call.state != State::Confirmed || call.transfer.is_some() {
             return false;
         }
-        call.local_cseq += 1;
         let contact = contact_of(&local, call.peer.transport);
-        let mut headers = route_headers(&call.route_set);
-        headers.push(("Refer-To", format!("<{target}>")));
-        headers.push(("Referred-By", format!("<{contact}>")));
-        let refer = OutgoingRequest {
-            method: "REFER",
-            uri: &call.remote_target,
-            via: via(&local, call.peer.transport, &branch),
-            from: &call.local_party,
-            to: &call.remote_party,
-            call_id: id,
-            cseq: call.local_cseq,
-            contact: Some(&contact),
-            body: None,
-        }
-        .to_bytes_with(&headers);
+        let transfer_headers = [
+            ("Refer-To", format!("<{target}>")),
+            ("Referred-By", format!("<{contact}>")),
+        ];
+        let refer = call.next_request(
+            &local,
+            "REFER",
+            id,
+            &branch,
+            Some(&contact),
+            &transfer_headers,
+        );
         call.transfer = Some(Transfer {
             retransmit: Some(Retransmit::new(now, refer.clone(), call.peer, Some(T2))),
             cseq: call.local_cseq,
@@ -1391,19 +1417,7 @@ impl Endpoint {
         let Some(call) = self.calls.get_mut(id) else {
             return;
         };
-        call.local_cseq += 1;
-        let bye = OutgoingRequest {
-            method: "BYE",
-            uri: &call.remote_target,
-            via: via(&local, call.peer.transport, &branch),
-            from: &call.local_party,
-            to: &call.remote_party,
-            call_id: id,
-            cseq: call.local_cseq,
-            contact: None,
-            body: None,
-        }
-        .to_bytes_with(&route_headers(&call.route_set));
+        let bye = call.next_request(&local, "BYE", id, &branch, None, &[]);
         call.state = State::Terminating;
         call.request = Some((branch, call.local_cseq));
         call.retransmit = Some(Retransmit::new(now, bye.clone(), call.peer, Some(T2)));
@@ -1544,6 +1558,41 @@ mod tests {
         ok.to_tag().expect("a To tag").to_string()
     }
 
+    /// `answered_call` and the caller's ACK: a confirmed call. Returns our To tag.
+    fn acknowledged_call(e: &mut Endpoint, t0: Instant) -> String {
+        let tag = answered_call(e, t0);
+        e.handle_datagram(t0, peer(), &request("ACK", 1, Some(&tag), ""));
+        tag
+    }
+
+    /// A new endpoint with a call from `from` that is not answered yet.
+    fn unanswered_call(from: impl Into<Peer>) -> (Endpoint, Instant) {
+        let mut e = endpoint();
+        let t0 = Instant::now();
+        e.handle_datagram(t0, from, &request("INVITE", 1, None, OFFER));
+        drain(&mut e);
+        (e, t0)
+    }
+
+    /// Fires each retransmission timer, `intervals_ms` apart from `t0`, checking that it is
+    /// the next deadline and sends the message starting with `first_line` again. Returns when
+    /// the last one fired.
+    fn retransmits(
+        e: &mut Endpoint,
+        t0: Instant,
+        intervals_ms: &[u64],
+        first_line: &str,
+    ) -> Instant {
+        let mut at = t0;
+        for interval in intervals_ms {
+            at += Duration::from_millis(*interval);
+            assert_eq!(e.poll_timeout(), Some(at));
+            e.handle_timeout(at);
+            assert_eq!(drain(e), [first_line]);
+        }
+        at
+    }
+
     #[test]
     fn an_invite_to_a_destination_off_the_allow_list_gets_403() {
         let mut e = endpoint();
@@ -1655,13 +1704,7 @@ mod tests {
             "{ok}"
         );
         // RFC 3261 13.3.1.4: the 2xx goes again on every transport, T1 doubling up to T2.
-        let mut at = t0;
-        for interval in [500, 1_000, 2_000, 4_000] {
-            at += Duration::from_millis(interval);
-            assert_eq!(e.poll_timeout(), Some(at));
-            e.handle_timeout(at);
-            assert_eq!(drain(&mut e), ["SIP/2.0 200 OK"]);
-        }
+        let at = retransmits(&mut e, t0, &[500, 1_000, 2_000, 4_000], "SIP/2.0 200 OK");
         e.handle_datagram(at, tcp_peer(), &request("ACK", 1, Some(&tag), ""));
         assert_eq!(e.poll_timeout(), None);
     }
@@ -1694,10 +1737,7 @@ mod tests {
 
     #[test]
     fn over_tcp_a_refusal_is_not_retransmitted_and_timer_h_clears_it() {
-        let mut e = endpoint();
-        let t0 = Instant::now();
-        e.handle_datagram(t0, tcp_peer(), &request("INVITE", 1, None, OFFER));
-        drain(&mut e);
+        let (mut e, t0) = unanswered_call(tcp_peer());
         e.reject(t0, "c1", true);
         assert_eq!(drain(&mut e), ["SIP/2.0 503 Service Unavailable"]);
         assert_eq!(e.poll_timeout(), Some(t0 + TRANSACTION_TIMEOUT));
@@ -1808,13 +1848,8 @@ mod tests {
         let t0 = Instant::now();
         let tag = answered_call(&mut e, t0);
         // Timer G: T1, 2*T1, 4*T1, then capped at T2.
-        let mut at = t0;
-        for interval in [500, 1_000, 2_000, 4_000, 4_000] {
-            at += Duration::from_millis(interval);
-            assert_eq!(e.poll_timeout(), Some(at));
-            e.handle_timeout(at);
-            assert_eq!(drain(&mut e), ["SIP/2.0 200 OK"]);
-        }
+        let intervals = [500, 1_000, 2_000, 4_000, 4_000];
+        let at = retransmits(&mut e, t0, &intervals, "SIP/2.0 200 OK");
         e.handle_datagram(at, peer(), &request("ACK", 1, Some(&tag), ""));
         assert_eq!(e.poll_timeout(), None);
         assert!(drain(&mut e).is_empty());
@@ -1849,8 +1884,7 @@ mod tests {
     fn bye_ends_the_call_and_its_retransmission_is_answered_again() {
         let mut e = endpoint();
         let t0 = Instant::now();
-        let tag = answered_call(&mut e, t0);
-        e.handle_datagram(t0, peer(), &request("ACK", 1, Some(&tag), ""));
+        let tag = acknowledged_call(&mut e, t0);
         e.handle_datagram(t0, peer(), &request("BYE", 2, Some(&tag), ""));
         assert_eq!(drain(&mut e), ["SIP/2.0 200 OK", "Ended"]);
         e.handle_datagram(t0, peer(), &request("BYE", 2, Some(&tag), ""));
@@ -1866,10 +1900,7 @@ mod tests {
 
     #[test]
     fn cancel_before_the_answer_gets_200_and_the_invite_487() {
-        let mut e = endpoint();
-        let t0 = Instant::now();
-        e.handle_datagram(t0, peer(), &request("INVITE", 1, None, OFFER));
-        drain(&mut e);
+        let (mut e, t0) = unanswered_call(peer());
         e.handle_datagram(t0, peer(), &request("CANCEL", 1, None, ""));
         assert_eq!(
             drain(&mut e),
@@ -1884,10 +1915,7 @@ mod tests {
 
     #[test]
     fn a_full_server_answers_503_with_retry_after() {
-        let mut e = endpoint();
-        let t0 = Instant::now();
-        e.handle_datagram(t0, peer(), &request("INVITE", 1, None, OFFER));
-        drain(&mut e);
+        let (mut e, t0) = unanswered_call(peer());
         e.reject(t0, "c1", true);
         let responses = sent(&mut e);
         let text = String::from_utf8_lossy(&responses[0]);
@@ -1928,8 +1956,7 @@ mod tests {
     fn a_hold_reinvite_is_answered_recvonly_and_reported() {
         let mut e = endpoint();
         let t0 = Instant::now();
-        let tag = answered_call(&mut e, t0);
-        e.handle_datagram(t0, peer(), &request("ACK", 1, Some(&tag), ""));
+        let tag = acknowledged_call(&mut e, t0);
         let hold = format!("{OFFER}a=sendonly\r\n");
         e.handle_datagram(t0, peer(), &request("INVITE", 2, Some(&tag), &hold));
         let events: Vec<Event> = std::iter::from_fn(|| e.poll_event()).collect();
@@ -1957,8 +1984,7 @@ mod tests {
     fn our_bye_retransmits_on_timer_e_until_answered() {
         let mut e = endpoint();
         let t0 = Instant::now();
-        let tag = answered_call(&mut e, t0);
-        e.handle_datagram(t0, peer(), &request("ACK", 1, Some(&tag), ""));
+        acknowledged_call(&mut e, t0);
         e.hang_up(t0, "c1");
         let first = sent(&mut e);
         assert_eq!(first.len(), 1);
@@ -2069,8 +2095,7 @@ mod tests {
 
     /// An answered, acknowledged call and our REFER to a nurse; returns the REFER as parsed.
     fn transferring_call(e: &mut Endpoint, t0: Instant) -> Message {
-        let tag = answered_call(e, t0);
-        e.handle_datagram(t0, peer(), &request("ACK", 1, Some(&tag), ""));
+        let tag = acknowledged_call(e, t0);
         assert!(e.refer(t0, "c1", "sip:nurse@192.0.2.7"));
         let refer = sent(e);
         assert_eq!(refer.len(), 1);
@@ -2108,13 +2133,13 @@ mod tests {
         let refer = transferring_call(&mut e, t0);
         let tag = refer.from_tag().expect("our tag").to_string();
         // Timer E: T1, 2*T1, 4*T1, then capped at T2.
-        let mut at = t0;
-        for interval in [500, 1_000, 2_000, 4_000, 4_000] {
-            at += Duration::from_millis(interval);
-            assert_eq!(e.poll_timeout(), Some(at));
-            e.handle_timeout(at);
-            assert_eq!(drain(&mut e), ["REFER sip:patient@127.0.0.1:5070 SIP/2.0"]);
-        }
+        let intervals = [500, 1_000, 2_000, 4_000, 4_000];
+        let at = retransmits(
+            &mut e,
+            t0,
+            &intervals,
+            "REFER sip:patient@127.0.0.1:5070 SIP/2.0",
+        );
         // A second transfer while this one is under way is refused.
         assert!(!e.refer(at, "c1", "sip:nurse@192.0.2.7"));
         let accepted = message::response(&refer, 202, None, &[], None);

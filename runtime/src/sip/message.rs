@@ -240,23 +240,19 @@ struct Fields {
 
 impl Fields {
     fn into_message(self, start: StartLine, body: Vec<u8>) -> Option<Message> {
-        let cseq = self.cseq?;
-        let (number, method) = cseq.trim().split_once(char::is_whitespace)?;
+        let (number, method) = self.cseq.as_ref()?.trim().split_once(char::is_whitespace)?;
+        let cseq = number.trim().parse().ok().filter(|&n: &u32| n < 1 << 31)?;
+        let cseq_method = method.trim().to_ascii_uppercase();
+        if self.from.is_none() || self.to.is_none() || self.call_id.is_none() {
+            return None;
+        }
+        // With the mandatory headers there, the partial reading is the message but for the
+        // stricter CSeq and the body.
         let message = Message {
-            start,
-            from: self.from?,
-            to: self.to?,
-            call_id: self.call_id?.trim().to_string(),
-            cseq: number.trim().parse().ok().filter(|&n: &u32| n < 1 << 31)?,
-            cseq_method: method.trim().to_ascii_uppercase(),
-            contact: self.contact,
-            record_route: self.record_route,
-            challenge: self.challenge,
-            expires: self.expires,
-            authorization: self.authorization,
-            unsupported: self.unsupported,
+            cseq,
+            cseq_method,
             body,
-            vias: self.vias,
+            ..self.into_partial(start)
         };
         // rsip ends a header line only at CRLF: a value of its reading that still holds a CR or
         // LF was read differently from our line reader (which then is the one believed), and
@@ -617,24 +613,43 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
 
+/// Where a header value, read a character at a time, stands with respect to quoted strings, in
+/// which a backslash escapes the next character.
+#[derive(Default)]
+struct Quotes {
+    quoted: bool,
+    escaped: bool,
+}
+
+impl Quotes {
+    /// Reads `c`; true when it belongs to a quoted string, its quotes included.
+    fn read(&mut self, c: char) -> bool {
+        if self.quoted {
+            match (self.escaped, c) {
+                (true, _) => self.escaped = false,
+                (false, '\\') => self.escaped = true,
+                (false, '"') => self.quoted = false,
+                _ => {}
+            }
+            true
+        } else if c == '"' {
+            self.quoted = true;
+            true
+        } else {
+            false
+        }
+    }
+}
+
 /// Control characters (HTAB aside) outside quoted strings, where RFC 3261 allows none; inside
 /// them a quoted-pair may escape any but CR and LF (RFC 4475 section 3.1.1.2).
 fn has_ctl_outside_quotes(value: &str) -> bool {
-    let (mut quoted, mut escaped) = (false, false);
+    let mut quotes = Quotes::default();
     for c in value.chars() {
         if matches!(c, '\r' | '\n') {
             return true;
         }
-        if quoted {
-            match (escaped, c) {
-                (true, _) => escaped = false,
-                (false, '\\') => escaped = true,
-                (false, '"') => quoted = false,
-                _ => {}
-            }
-        } else if c == '"' {
-            quoted = true;
-        } else if c.is_ascii_control() && c != '\t' {
+        if !quotes.read(c) && c.is_ascii_control() && c != '\t' {
             return true;
         }
     }
@@ -658,19 +673,12 @@ fn routes(value: &str) -> impl Iterator<Item = String> + '_ {
 /// `value` split at `separator`s outside quoted strings, angle brackets and IPv6 references.
 fn split_outside(value: &str, separator: char) -> Vec<&str> {
     let mut parts = Vec::new();
-    let (mut quoted, mut escaped, mut depth, mut from) = (false, false, 0i32, 0);
+    let (mut quotes, mut depth, mut from) = (Quotes::default(), 0i32, 0);
     for (i, c) in value.char_indices() {
-        if quoted {
-            match (escaped, c) {
-                (true, _) => escaped = false,
-                (false, '\\') => escaped = true,
-                (false, '"') => quoted = false,
-                _ => {}
-            }
+        if quotes.read(c) {
             continue;
         }
         match c {
-            '"' => quoted = true,
             '<' | '[' => depth += 1,
             '>' | ']' => depth -= 1,
             c if c == separator && depth == 0 => {
@@ -759,23 +767,14 @@ fn name_addr_ok(value: &str) -> bool {
     if value == "*" {
         return true;
     }
-    let (mut quoted, mut escaped, mut open) = (false, false, None);
+    let (mut quotes, mut open) = (Quotes::default(), None);
     for (i, c) in value.char_indices() {
-        if quoted {
-            match (escaped, c) {
-                (true, _) => escaped = false,
-                (false, '\\') => escaped = true,
-                (false, '"') => quoted = false,
-                _ => {}
-            }
-        } else if c == '"' {
-            quoted = true;
-        } else if c == '<' {
+        if !quotes.read(c) && c == '<' {
             open = Some(i);
             break;
         }
     }
-    if quoted {
+    if quotes.quoted {
         return false;
     }
     let Some(open) = open else {

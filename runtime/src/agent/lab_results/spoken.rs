@@ -6,6 +6,10 @@
 //! removed, so the gate (date of birth, PIN) and the guard (numbers in an answer) read text the
 //! same way.
 
+use std::sync::LazyLock;
+
+use talkline_tts::normalize::{cardinal, month_names, ordinal};
+
 /// A calendar date.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Date {
@@ -14,20 +18,8 @@ pub struct Date {
     pub day: u32,
 }
 
-const MONTHS: [&str; 12] = [
-    "January",
-    "February",
-    "March",
-    "April",
-    "May",
-    "June",
-    "July",
-    "August",
-    "September",
-    "October",
-    "November",
-    "December",
-];
+// The words are the TTS normalizer's, so what the agent understands is spelled as what it says.
+const MONTHS: &[&str; 12] = month_names();
 
 impl Date {
     /// A real date (February 30th is not one).
@@ -141,53 +133,12 @@ fn all_digits(s: &str) -> bool {
     !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())
 }
 
-const UNITS: [&str; 20] = [
-    "zero",
-    "one",
-    "two",
-    "three",
-    "four",
-    "five",
-    "six",
-    "seven",
-    "eight",
-    "nine",
-    "ten",
-    "eleven",
-    "twelve",
-    "thirteen",
-    "fourteen",
-    "fifteen",
-    "sixteen",
-    "seventeen",
-    "eighteen",
-    "nineteen",
-];
-const TENS: [&str; 8] = [
-    "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety",
-];
-const ORDINALS: [&str; 20] = [
-    "zeroth",
-    "first",
-    "second",
-    "third",
-    "fourth",
-    "fifth",
-    "sixth",
-    "seventh",
-    "eighth",
-    "ninth",
-    "tenth",
-    "eleventh",
-    "twelfth",
-    "thirteenth",
-    "fourteenth",
-    "fifteenth",
-    "sixteenth",
-    "seventeenth",
-    "eighteenth",
-    "nineteenth",
-];
+static UNITS: LazyLock<[String; 20]> =
+    LazyLock::new(|| std::array::from_fn(|n| cardinal(n as u64)));
+static TENS: LazyLock<[String; 8]> =
+    LazyLock::new(|| std::array::from_fn(|k| cardinal(20 + 10 * k as u64)));
+static ORDINALS: LazyLock<[String; 20]> =
+    LazyLock::new(|| std::array::from_fn(|n| ordinal(n as u64)));
 
 fn unit_word(t: &str) -> Option<u64> {
     UNITS.iter().position(|u| *u == t).map(|p| p as u64)
