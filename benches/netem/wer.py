@@ -61,9 +61,17 @@ def main():
     print("|---|---|---|---|")
     for name, w_script, w_clean, answered, spoken in rows:
         if (out / f"{name}.skipped").exists():
-            print(f"| {name} | skipped: no sch_netem in this kernel | | |")
+            print(f"| {name} | skipped: no sch_netem, and no NFQUEUE jitter (shaper.txt) | | |")
             continue
         print(f"| {name} | {fmt(w_script)} | {fmt(w_clean)} | {answered}/{spoken} |")
+    # Without sch_netem, what the userspace jitter actually did to the caller's packets.
+    held = [(name, out / f"{name}.jitter.log") for name, *_ in rows]
+    held = [(name, log.read_text().strip().splitlines()) for name, log in held if log.exists()]
+    if any(lines for _, lines in held):
+        print()
+        for name, lines in held:
+            if lines:
+                print(f"- {name}: {lines[-1]}")
     print("\n## 100% loss mid-call (SIP, media timeout 5 s)\n")
     if ended_after:
         print(f"- The server ended the session {float(ended_after):.1f} s after the link went dead.")

@@ -19,7 +19,7 @@ fuzz_target!(|data: &[u8]| {
     let answer = sdp::answer(&local, &remote);
     let back = sdp::negotiate(answer.as_bytes())
         .unwrap_or_else(|e| panic!("our answer does not negotiate ({e}):\n{answer}"));
-    assert_eq!(back.law, remote.law);
+    assert_eq!(back.codec, remote.codec);
     assert_eq!(back.dtmf, remote.dtmf);
     assert_eq!(back.direction, remote.direction.answer());
     assert_eq!(back.rtp, "192.0.2.10:40000".parse().expect("literal"));

@@ -1,6 +1,7 @@
 //! SIP datagrams into the message parser (rsip plus the lenient fallback). Round trip: a message
 //! that parses is answered with `message::response`, and that answer must parse back with the
-//! same transaction headers; a peer could not match our answer to its request otherwise.
+//! same transaction headers and route set; a peer could not match our answer to its request, or
+//! route its ACK and BYE, otherwise.
 #![no_main]
 use libfuzzer_sys::fuzz_target;
 use talkline_runtime::sip::{digest, message};
@@ -27,6 +28,9 @@ fuzz_target!(|data: &[u8]| {
             let vias = |m: &message::Message| m.vias.join(",").replace(char::is_whitespace, "");
             assert_eq!(vias(&back), vias(&m));
             assert_eq!(back.branch(), m.branch());
+            // A 2xx carries the request's Record-Route back: the caller's route set, which must
+            // come back route for route or its ACK and BYE miss the proxies.
+            assert_eq!(back.record_route, m.record_route);
             assert_eq!(back.from, m.from);
             assert_eq!(back.call_id, m.call_id);
             assert_eq!((back.cseq, &back.cseq_method), (m.cseq, &m.cseq_method));

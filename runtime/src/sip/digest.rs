@@ -282,17 +282,24 @@ pub fn authorization(challenge: &Challenge, request: &Request<'_>) -> String {
 /// Escapes a quoted-string's `"` and `\`; a registrar's nonce is untrusted text going back into
 /// a header.
 fn quote(text: &str) -> String {
-    text.chars()
-        .filter(|c| *c != '\r' && *c != '\n')
-        .flat_map(|c| match c {
-            '"' | '\\' => vec!['\\', c],
-            c => vec![c],
-        })
-        .collect()
+    let mut quoted = String::with_capacity(text.len());
+    for c in text.chars().filter(|c| *c != '\r' && *c != '\n') {
+        if matches!(c, '"' | '\\') {
+            quoted.push('\\');
+        }
+        quoted.push(c);
+    }
+    quoted
 }
 
 fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut text = String::with_capacity(2 * bytes.len());
+    for b in bytes {
+        text.push(char::from(DIGITS[usize::from(b >> 4)]));
+        text.push(char::from(DIGITS[usize::from(b & 15)]));
+    }
+    text
 }
 
 #[cfg(test)]

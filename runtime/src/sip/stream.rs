@@ -1,6 +1,7 @@
 //! SIP over TCP and TLS (RFC 3261 section 18.3): one task per connection frames messages by
 //! Content-Length and hands them to the signalling loop, and writes what the loop sends back on
-//! the connection. The framing is a pure function ([`frame`]), unit-tested here.
+//! the connection. The framing is pure ([`frame`], and [`Framer`] which the connection task
+//! drives), so it is unit-tested here and fuzzed (fuzz/fuzz_targets/sip_stream.rs).
 //!
 //! Limits: a message is at most [`MAX_MESSAGE`] octets (what a UDP datagram may be), at most
 //! [`MAX_CONNECTIONS`] connections are open (TLS handshakes included), and a connection that
@@ -131,6 +132,72 @@ pub fn frame(buffer: &[u8]) -> Frame {
     }
 }
 
+/// What a connection does next with what it has read, from a [`Framer`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Framed {
+    /// Hand this message to the signalling loop.
+    Message(Vec<u8>),
+    /// A keep-alive ping: answer one CRLF.
+    Ping,
+    /// The framing is broken: write this 400 if there is one, then close.
+    BadLength { answer: Option<Vec<u8>> },
+    /// A message over [`MAX_MESSAGE`]: close.
+    TooLarge,
+}
+
+/// The read side of one connection without the I/O: bytes in with [`push`](Self::push), what
+/// to do out as an [`Iterator`]. Kept apart from [`serve`] so that a fuzzer can check that
+/// how the bytes were split into reads never changes the messages.
+#[derive(Debug, Default)]
+pub struct Framer {
+    buffer: Vec<u8>,
+}
+
+impl Framer {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn push(&mut self, data: &[u8]) {
+        self.buffer.extend_from_slice(data);
+    }
+
+    /// What was read but not yet framed.
+    pub fn pending(&self) -> &[u8] {
+        &self.buffer
+    }
+}
+
+/// Not fused: `None` means "until more is pushed", and the framer goes on after a push.
+impl Iterator for Framer {
+    type Item = Framed;
+
+    /// The next thing to do. After `BadLength` or `TooLarge` the stream cannot be framed any
+    /// more; those are returned again if asked.
+    fn next(&mut self) -> Option<Framed> {
+        loop {
+            match frame(&self.buffer) {
+                Frame::Incomplete => return None,
+                Frame::KeepAlive { len, ping } => {
+                    self.buffer.drain(..len);
+                    if ping {
+                        return Some(Framed::Ping);
+                    }
+                }
+                Frame::Message { len } => {
+                    return Some(Framed::Message(self.buffer.drain(..len).collect()))
+                }
+                Frame::BadLength { head } => {
+                    return Some(Framed::BadLength {
+                        answer: bad_request(&self.buffer[..head]),
+                    })
+                }
+                Frame::TooLarge => return Some(Framed::TooLarge),
+            }
+        }
+    }
+}
+
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
@@ -208,35 +275,32 @@ pub async fn serve<S>(
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let (mut reader, mut writer) = tokio::io::split(stream);
-    let mut buffer: Vec<u8> = Vec::new();
+    let mut framer = Framer::new();
     let mut chunk = vec![0u8; 16 * 1024];
     let mut idle_at = Instant::now() + IDLE_TIMEOUT;
     'connection: loop {
-        loop {
-            match frame(&buffer) {
-                Frame::Incomplete => break,
-                Frame::KeepAlive { len, ping } => {
-                    buffer.drain(..len);
-                    if ping && write(&mut writer, b"\r\n").await.is_err() {
+        for framed in framer.by_ref() {
+            match framed {
+                Framed::Ping => {
+                    if write(&mut writer, b"\r\n").await.is_err() {
                         break 'connection;
                     }
                 }
-                Frame::Message { len } => {
-                    let data: Vec<u8> = buffer.drain(..len).collect();
+                Framed::Message(data) => {
                     let message = Inbound::Message { from, data };
                     tokio::select! {
                         _ = cancel.cancelled() => break 'connection,
                         sent = inbound.send(message) => if sent.is_err() { break 'connection },
                     }
                 }
-                Frame::BadLength { head } => {
+                Framed::BadLength { answer } => {
                     tracing::info!(%from, "a SIP message without a usable Content-Length: closing");
-                    if let Some(answer) = bad_request(&buffer[..head]) {
+                    if let Some(answer) = answer {
                         let _ = write(&mut writer, &answer).await;
                     }
                     break 'connection;
                 }
-                Frame::TooLarge => {
+                Framed::TooLarge => {
                     tracing::info!(%from, "a SIP message over {MAX_MESSAGE} octets: closing");
                     break 'connection;
                 }
@@ -247,7 +311,7 @@ pub async fn serve<S>(
             read = reader.read(&mut chunk) => match read {
                 Ok(0) => break,
                 Ok(n) => {
-                    buffer.extend_from_slice(&chunk[..n]);
+                    framer.push(&chunk[..n]);
                     idle_at = Instant::now() + IDLE_TIMEOUT;
                 }
                 Err(e) => {
@@ -345,6 +409,35 @@ mod tests {
         assert_eq!(frame(huge.as_bytes()), Frame::TooLarge);
         assert_eq!(frame(&vec![b'a'; MAX_MESSAGE + 1]), Frame::TooLarge);
         assert_eq!(frame(&vec![b'a'; MAX_MESSAGE]), Frame::Incomplete);
+    }
+
+    /// Two messages back to back with a ping between them give the same messages whatever
+    /// reads they arrive in.
+    #[test]
+    fn the_framer_gives_the_same_messages_for_any_split_of_the_stream() {
+        let message = format!("{OPTIONS}Content-Length: 4\r\n\r\nbody");
+        let stream = format!("{message}\r\n\r\n{message}\r\n");
+        let expected = vec![
+            Framed::Message(message.clone().into_bytes()),
+            Framed::Ping,
+            Framed::Message(message.clone().into_bytes()),
+        ];
+        for cut in 0..=stream.len() {
+            let mut framer = Framer::new();
+            let mut out = Vec::new();
+            for part in [&stream.as_bytes()[..cut], &stream.as_bytes()[cut..]] {
+                framer.push(part);
+                out.extend(&mut framer);
+            }
+            assert_eq!(out, expected, "cut at {cut}");
+            assert_eq!(framer.pending(), b"\r\n", "cut at {cut}");
+        }
+        let mut broken = Framer::new();
+        broken.push(format!("{OPTIONS}\r\n").as_bytes());
+        assert!(matches!(
+            broken.next(),
+            Some(Framed::BadLength { answer: Some(_) })
+        ));
     }
 
     #[test]
