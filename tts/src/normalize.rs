@@ -578,7 +578,7 @@ fn integer_words(digits: &str) -> String {
     cardinal(n)
 }
 
-/// `n` in words, as the voice says it: 131 is "one hundred thirty-one".
+/// `n` in words, as the voice says it: 1,250 is "one thousand two hundred fifty".
 pub fn cardinal(n: u64) -> String {
     const ONES: [&str; 20] = [
         "zero",
@@ -643,7 +643,7 @@ pub fn cardinal(n: u64) -> String {
     unreachable!("every n >= 1000 is covered by a scale")
 }
 
-/// `n` as an ordinal in words: 21 is "twenty-first".
+/// `n` as an ordinal in words: 21 is "twenty first".
 pub fn ordinal(n: u64) -> String {
     let words = cardinal(n);
     let (head, last) = match words.rsplit_once(' ') {
