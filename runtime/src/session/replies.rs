@@ -524,12 +524,17 @@ fn spawn_reply(
                 };
                 let mut first = true;
                 let llm_span = tracing::info_span!("llm").entered();
+                let waiting = Instant::now();
                 let mut chat = chat.lock().map_err(|_| Failure {
                     stage: Stage::Llm,
                     kind: "poisoned",
                     detail: "the chat session is poisoned by an earlier panic".into(),
                     spoken: String::new(),
                 })?;
+                tracing::debug!(
+                    wait_ms = waiting.elapsed().as_secs_f64() * 1000.0,
+                    "the chat session is free"
+                );
                 let replied =
                     chat.reply(&job.request.messages, &params, &llm_cancel, &mut |piece| {
                         if first {
@@ -554,6 +559,18 @@ fn spawn_reply(
                         }
                     });
                 drop(chat);
+                if let Ok(r) = &replied {
+                    let s = &r.stats;
+                    // Counts and times only: never the words.
+                    tracing::debug!(
+                        prompt_tokens = s.prompt_tokens,
+                        reused_tokens = s.reused_tokens,
+                        prefill_ms = s.prefill_time.as_secs_f64() * 1000.0,
+                        first_token_ms = s.time_to_first_token.as_secs_f64() * 1000.0,
+                        generated_tokens = s.generated_tokens,
+                        "reply generated"
+                    );
+                }
                 drop(llm_span);
                 let llm_error = replied.err();
                 if cancel.is_cancelled() {
