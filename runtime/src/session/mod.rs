@@ -374,12 +374,8 @@ async fn run_session(
                         let context = lock(&agent).speculate("");
                         launcher.track(prefill_while_speaking(&chat, &prefill_busy, context));
                     }
-                    // The tentative words too: most of them survive into the final, and a word
-                    // that changes costs only the tokens after it (the cache keeps the common
-                    // prefix), so the reply is left with little more than the template's end.
-                    AsrEvent::Partial { committed, tentative, .. } if !committed.is_empty() || !tentative.is_empty() => {
-                        let heard = format!("{} {}", committed.trim(), tentative.trim());
-                        let context = lock(&agent).speculate(heard.trim());
+                    AsrEvent::Partial { committed, .. } if !committed.is_empty() => {
+                        let context = lock(&agent).speculate(committed);
                         launcher.track(prefill_while_speaking(&chat, &prefill_busy, context));
                     }
                     _ => {}
