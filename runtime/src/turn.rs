@@ -351,10 +351,17 @@ impl TurnManager {
                 }
             }
             AsrEvent::Final { text, .. } => {
-                if matches!(self.phase, Phase::Replying { .. }) || text.trim().is_empty() {
-                    return; // noise, or speech the barge-in rule ignored
+                if matches!(self.phase, Phase::Replying { .. }) {
+                    return; // speech the barge-in rule ignored
                 }
-                self.turn_text.push(text.trim().to_string());
+                if !text.trim().is_empty() {
+                    self.turn_text.push(text.trim().to_string());
+                }
+                // An empty final (noise) still ends an utterance: the words of the turn's
+                // earlier utterances must not wait for a next one that may never come.
+                if self.turn_text.is_empty() {
+                    return;
+                }
                 let turn = self.turn_text.join(" ");
                 let end = self.speech_end.unwrap_or(now);
                 let delay = match completeness(&turn) {
@@ -761,6 +768,27 @@ mod tests {
                 ..
             }
         )));
+    }
+
+    /// Seen with twenty calls on two cores: late audio split a question after its first word,
+    /// the user was speaking again when that turn came due, and the rest decoded to nothing.
+    #[test]
+    fn an_empty_final_after_words_still_ends_the_turn() {
+        let mut t = TurnManager::new(TurnConfig::default());
+        t.on_asr(0.8, &AsrEvent::SpeechStarted { at: 0.5 });
+        t.on_asr(1.66, &AsrEvent::SpeechEnded { at: 0.64 });
+        t.on_asr(1.66, &final_("What", 0.64));
+        t.on_asr(1.7, &AsrEvent::SpeechStarted { at: 0.64 });
+        tick(&mut t, 1.7);
+        assert!(drain(&mut t).is_empty(), "the user is speaking");
+        t.on_asr(2.0, &AsrEvent::SpeechEnded { at: 1.79 });
+        t.on_asr(4.9, &final_("", 1.79));
+        tick(&mut t, 4.9);
+        assert!(drain(&mut t).contains(&TurnAction::StartReply {
+            reply: 1,
+            user_text: "What".into(),
+            speculative: false
+        }));
     }
 
     #[test]
