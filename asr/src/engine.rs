@@ -386,9 +386,8 @@ impl Decoder {
                 }
             };
             let options = DecodeOptions {
-                prompt: Some(job.request.prompt.clone()),
                 abort: Some(job.abort.clone()),
-                ..self.options.clone()
+                ..self.options.for_request(&job.request)
             };
             let (result, decode_ms) = {
                 let _slot = self.slots.acquire();

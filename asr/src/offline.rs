@@ -112,10 +112,7 @@ impl Run<'_> {
         let Some(request) = self.recognizer.poll_decode() else {
             return;
         };
-        let options = DecodeOptions {
-            prompt: Some(request.prompt.clone()),
-            ..self.options.clone()
-        };
+        let options = self.options.for_request(&request);
         let started = Instant::now();
         let result = self.session.decode(&request.audio, &options);
         let decode_ms = started.elapsed().as_secs_f64() * 1000.0;

@@ -96,6 +96,9 @@ pub struct DecodeRequest {
     pub id: u64,
     pub audio: Vec<f32>,
     pub prompt: String,
+    /// The window may become the utterance's `Final`: it was asked for at a pause or at the end
+    /// of speech. The reply waits on such a decode, so it may be given more threads.
+    pub may_be_final: bool,
 }
 
 /// Known Whisper hallucinations on non-speech, dropped when Whisper itself doubts there was speech.
@@ -310,11 +313,12 @@ impl StreamingRecognizer {
         let id = self.next_decode;
         self.next_decode += 1;
         let audio_end = utterance.buffer_end();
+        let at_pause = std::mem::take(&mut utterance.due_at_pause);
         self.in_flight = Some(InFlight {
             id,
             utterance: utterance.id,
             purpose,
-            at_pause: std::mem::take(&mut utterance.due_at_pause),
+            at_pause,
             audio_start: utterance.buffer_start,
             audio_end,
         });
@@ -323,6 +327,7 @@ impl StreamingRecognizer {
             id,
             audio: utterance.buffer.clone(),
             prompt: utterance.prompt(),
+            may_be_final: at_pause || purpose == Purpose::Final,
         })
     }
 
@@ -698,6 +703,7 @@ fn normalize_phrase(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::whisper::DecodeOptions;
 
     fn words(spec: &[(&str, f64)]) -> Vec<Word> {
         spec.iter()
@@ -833,12 +839,21 @@ mod tests {
         };
         push(&mut r, true, 1.0);
         let mid_speech = r.poll_decode().expect("a partial decode is due in speech");
+        assert!(!mid_speech.may_be_final);
         push(&mut r, true, 0.1);
         push(&mut r, false, 0.06);
         assert_eq!(r.poll_abandoned_decode(), Some(mid_speech.id));
         let at_pause = r
             .poll_decode()
             .expect("the pause decode starts without waiting for the abandoned one");
+        assert!(at_pause.may_be_final);
+        let options = DecodeOptions {
+            threads: 1,
+            final_threads: 2,
+            ..DecodeOptions::default()
+        };
+        assert_eq!(options.for_request(&mid_speech).threads, 1);
+        assert_eq!(options.for_request(&at_pause).threads, 2);
         let hello = Hypothesis {
             words: vec![Word {
                 text: "hello".into(),

@@ -37,6 +37,10 @@ impl std::fmt::Debug for WhisperModel {
 #[derive(Debug, Clone)]
 pub struct DecodeOptions {
     pub threads: usize,
+    /// Threads for a decode whose result may become an utterance's final transcript (see
+    /// [`DecodeOptions::for_request`]). The reply waits on that decode while the LLM and TTS
+    /// are mostly idle, so it can take more cores than the partial re-decodes during speech.
+    pub final_threads: usize,
     pub language: String,
     /// Shrink the encoder window to the audio's real length instead of 30 s.
     pub fit_audio_ctx: bool,
@@ -50,10 +54,27 @@ impl Default for DecodeOptions {
     fn default() -> Self {
         DecodeOptions {
             threads: 1,
+            final_threads: 1,
             language: "en".into(),
             fit_audio_ctx: true,
             prompt: None,
             abort: None,
+        }
+    }
+}
+
+impl DecodeOptions {
+    /// The options for one decode the streaming recognizer asked for: its prompt, and its
+    /// thread count by whether the turn will wait on its result.
+    pub fn for_request(&self, request: &crate::streaming::DecodeRequest) -> DecodeOptions {
+        DecodeOptions {
+            threads: if request.may_be_final {
+                self.final_threads.max(self.threads)
+            } else {
+                self.threads
+            },
+            prompt: Some(request.prompt.clone()),
+            ..self.clone()
         }
     }
 }

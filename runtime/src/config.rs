@@ -201,8 +201,12 @@ pub struct AsrConfig {
     pub model: Option<PathBuf>,
     /// Which conversion of the embedded model to use.
     pub weights: WhisperWeights,
-    /// Whisper threads per decode.
+    /// Whisper threads per partial re-decode while the user speaks.
     pub threads: usize,
+    /// Whisper threads for the decode at a pause, whose result usually becomes the final
+    /// transcript: the reply waits on it, and the LLM and TTS are idle then. Default: 2, or 1 on
+    /// a one-core machine.
+    pub final_threads: usize,
     /// Decodes that may run at once across all sessions; with `threads` this caps the cores
     /// Whisper takes from the LLM and TTS.
     pub max_concurrent_decodes: usize,
@@ -217,9 +221,21 @@ impl Default for AsrConfig {
             model: None,
             weights: WhisperWeights::Q8_0,
             threads: 1,
+            final_threads: std::thread::available_parallelism().map_or(1, |n| n.get().min(2)),
             max_concurrent_decodes: 1,
             language: "en".into(),
             hop_s: 0.3,
+        }
+    }
+}
+
+impl AsrConfig {
+    pub fn decode_options(&self) -> talkline_asr::whisper::DecodeOptions {
+        talkline_asr::whisper::DecodeOptions {
+            threads: self.threads,
+            final_threads: self.final_threads,
+            language: self.language.clone(),
+            ..Default::default()
         }
     }
 }
@@ -269,6 +285,12 @@ pub enum LlmConfig {
         tokenizer: Option<PathBuf>,
         #[serde(default = "default_llm_threads")]
         threads: usize,
+        /// Speculative decoding in conversations, drafted from the conversation itself (prompt
+        /// lookup); the output is the same token for token. Off by default: with SmolLM2-135M
+        /// on 2 cores it did not bring the first audio sooner (`talkline bench --reps 2`,
+        /// clinic scenario: voice-to-voice p50 571-588 ms with it, 540-547 ms without).
+        #[serde(default)]
+        prompt_lookup: bool,
     },
     /// Any OpenAI-compatible server (vLLM, llama.cpp server, ...).
     Openai {
@@ -330,6 +352,7 @@ impl Default for LlmConfig {
             model: None,
             tokenizer: None,
             threads: default_llm_threads(),
+            prompt_lookup: false,
         }
     }
 }
@@ -732,6 +755,7 @@ mod tests {
                 model: Some(fake),
                 tokenizer: None,
                 threads: 1,
+                prompt_lookup: false,
             },
             ..Config::default()
         };

@@ -16,7 +16,7 @@ use std::time::Instant;
 use anyhow::Context;
 use serde_json::json;
 use talkline_asr::streaming::{AsrEvent, StreamingRecognizer};
-use talkline_asr::whisper::{DecodeOptions, Hypothesis, SAMPLE_RATE};
+use talkline_asr::whisper::{Hypothesis, SAMPLE_RATE};
 use talkline_llm::{CancelToken, ChatSession, GenerateParams, Message, Sampling};
 use talkline_tts::stream::{self, AudioOutput, StreamConfig};
 use talkline_tts::PiperVoice;
@@ -118,11 +118,7 @@ pub fn run(args: ConverseArgs, config_path: Option<&Path>) -> anyhow::Result<()>
     let voice = Arc::new(Mutex::new(crate::stages::load_voice(&config, &store)?));
     eprintln!("talkline converse: LLM {}", chat_model.describe());
 
-    let asr_options = DecodeOptions {
-        threads: config.asr.threads,
-        language: config.asr.language.clone(),
-        ..DecodeOptions::default()
-    };
+    let asr_options = config.asr.decode_options();
     let params = GenerateParams {
         max_tokens: args.max_tokens,
         sampling: Sampling::Greedy,
@@ -186,10 +182,7 @@ pub fn run(args: ConverseArgs, config_path: Option<&Path>) -> anyhow::Result<()>
         }
         if pending_decode.is_none() {
             if let Some(request) = recognizer.poll_decode() {
-                let options = DecodeOptions {
-                    prompt: Some(request.prompt.clone()),
-                    ..asr_options.clone()
-                };
+                let options = asr_options.for_request(&request);
                 let started = Instant::now();
                 let result = asr_session.decode(&request.audio, &options);
                 let ms = started.elapsed().as_secs_f64() * MS;

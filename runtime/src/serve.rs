@@ -39,7 +39,6 @@ use serde::Deserialize;
 use serde_json::json;
 use talkline_asr::audio::To16k;
 use talkline_asr::engine::AsrEngine;
-use talkline_asr::whisper::DecodeOptions;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -198,11 +197,7 @@ pub fn load_shared(
     max_tokens: usize,
 ) -> anyhow::Result<Shared> {
     let whisper = crate::stages::load_whisper(config, store)?;
-    let options = DecodeOptions {
-        threads: config.asr.threads,
-        language: config.asr.language.clone(),
-        ..DecodeOptions::default()
-    };
+    let options = config.asr.decode_options();
     let asr = AsrEngine::new(whisper, options, config.asr.max_concurrent_decodes);
     // Probe once so a missing VAD model is reported at start, not per call.
     drop(crate::stages::load_vad(config, store));

@@ -126,6 +126,7 @@ pub fn chat_model(
                         model: None,
                         tokenizer: None,
                         threads: threads.unwrap_or_else(default_llm_threads),
+                        prompt_lookup: false,
                     };
                     let local = chat_model(
                         &Config {
@@ -156,14 +157,16 @@ pub enum DraftChoice {
     Model(std::path::PathBuf),
 }
 
-/// The default chat model for conversations: the configuration, prompt-lookup drafting off.
+/// The chat model for conversations, as configured (`[llm] prompt_lookup` picks the drafting).
 pub fn load_chat_model(config: &Config, store: &ModelStore) -> anyhow::Result<Arc<dyn ChatModel>> {
-    Ok(Arc::from(chat_model(
-        config,
-        store,
-        None,
-        DraftChoice::None,
-    )?))
+    let draft = match config.llm {
+        LlmConfig::Local {
+            prompt_lookup: true,
+            ..
+        } => DraftChoice::Lookup,
+        _ => DraftChoice::None,
+    };
+    Ok(Arc::from(chat_model(config, store, None, draft)?))
 }
 
 /// The configured voice (or `voice` by path), warmed up, on the shared ONNX Runtime.

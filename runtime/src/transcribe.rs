@@ -4,7 +4,6 @@ use std::path::{Path, PathBuf};
 
 use talkline_asr::offline::transcribe_stream;
 use talkline_asr::streaming::{AsrEvent, StreamingRecognizer};
-use talkline_asr::whisper::DecodeOptions;
 
 use crate::config::Config;
 use crate::models::ModelStore;
@@ -33,11 +32,11 @@ pub fn run(args: TranscribeArgs, config_path: Option<&Path>) -> anyhow::Result<(
     let mut session = model.session()?;
     let vad = crate::stages::load_vad(&config, &store);
     let mut recognizer = StreamingRecognizer::new(config.streaming(), vad);
-    let options = DecodeOptions {
-        threads: args.threads.unwrap_or(config.asr.threads),
-        language: config.asr.language.clone(),
-        ..DecodeOptions::default()
-    };
+    let mut options = config.asr.decode_options();
+    if let Some(threads) = args.threads {
+        options.threads = threads;
+        options.final_threads = threads;
+    }
     let events = transcribe_stream(&mut recognizer, &mut session, &options, &audio)?;
     let mut speech_end_detected = None;
     for timed in events {

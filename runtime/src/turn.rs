@@ -278,6 +278,17 @@ impl TurnManager {
         self.actions.pop_front()
     }
 
+    /// A reply is about to start: its action is queued, or a speculation is due once the pause
+    /// has lasted long enough. Background work on the chat session (a prefill cannot be stopped
+    /// halfway) would only hold that reply up.
+    pub fn reply_due(&self) -> bool {
+        self.speculate_at.is_some()
+            || self
+                .actions
+                .iter()
+                .any(|a| matches!(a, TurnAction::StartReply { .. }))
+    }
+
     pub fn poll_timeout(&self) -> Option<f64> {
         [self.speculate_at, self.end_turn_at, self.barge_in_at]
             .into_iter()
@@ -609,6 +620,26 @@ mod tests {
         tick(&mut t, 2.0);
         assert_eq!(drain(&mut t), vec![TurnAction::CommitReply { reply: 1 }]);
         assert_eq!(t.stats().speculative_hits, 1);
+    }
+
+    #[test]
+    fn a_reply_is_due_from_the_pause_until_its_start_is_polled() {
+        let mut t = TurnManager::new(TurnConfig::default());
+        t.on_asr(0.5, &AsrEvent::SpeechStarted { at: 0.4 });
+        t.on_asr(1.0, &partial("Is my", 1.0));
+        assert!(!t.reply_due(), "the user is speaking");
+        t.on_asr(1.83, &AsrEvent::Paused { at: 1.8 });
+        t.on_asr(1.9, &partial("Is my hemoglobin normal?", 1.83));
+        assert!(t.reply_due(), "the speculation's timer runs");
+        tick(&mut t, 1.95);
+        assert!(t.reply_due(), "the speculation is queued");
+        drain(&mut t);
+        assert!(!t.reply_due(), "the reply has started");
+        t.on_asr(2.1, &AsrEvent::Resumed { at: 2.1 });
+        drain(&mut t);
+        t.on_asr(2.5, &AsrEvent::Paused { at: 2.5 });
+        t.on_asr(2.6, &AsrEvent::Resumed { at: 2.6 });
+        assert!(!t.reply_due(), "a resumed pause calls for no reply");
     }
 
     #[test]

@@ -369,18 +369,18 @@ async fn run_session(
                     _ => {}
                 }
                 tracing::debug!(session = %name, now, event = %crate::turn::redacted_asr_event(&event), "asr");
-                match &event {
-                    AsrEvent::SpeechStarted { .. } => {
-                        let context = lock(&agent).speculate("");
-                        launcher.track(prefill_while_speaking(&chat, &prefill_busy, context));
-                    }
-                    AsrEvent::Partial { committed, .. } if !committed.is_empty() => {
-                        let context = lock(&agent).speculate(committed);
-                        launcher.track(prefill_while_speaking(&chat, &prefill_busy, context));
-                    }
-                    _ => {}
-                }
                 turns.on_asr(now, &event);
+                // A prefill started just before a reply would make the reply wait for it.
+                let prefill_words = match &event {
+                    _ if turns.reply_due() => None,
+                    AsrEvent::SpeechStarted { .. } => Some(""),
+                    AsrEvent::Partial { committed, .. } if !committed.is_empty() => Some(committed.as_str()),
+                    _ => None,
+                };
+                if let Some(words) = prefill_words {
+                    let context = lock(&agent).speculate(words);
+                    launcher.track(prefill_while_speaking(&chat, &prefill_busy, context));
+                }
             }
             // Audio is taken only while a whole chunk fits; until then the reply threads wait.
             Some(msg) = reply_rx.recv(), if queue.has_room_for_a_chunk() => {
