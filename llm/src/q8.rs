@@ -143,6 +143,17 @@ pub fn matmul(
     out: &mut [f32],
     scratch: &mut Vec<f32>,
 ) {
+    matmul_with(Kernel::detect(), pool, w, a, out, scratch)
+}
+
+fn matmul_with(
+    kernel: Kernel,
+    pool: &rayon::ThreadPool,
+    w: &Q8Matrix,
+    a: &Q8Act,
+    out: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
     assert_eq!(
         w.cols, a.cols,
         "invariant: weights and activations share the inner dimension"
@@ -153,7 +164,6 @@ pub fn matmul(
     let bpr = w.cols / BLOCK;
     // Chunks small enough to balance two to sixteen threads, large enough to amortise rayon.
     let chunk = (n / (pool.current_num_threads() * 8)).clamp(16, 1024) / 4 * 4;
-    let kernel = Kernel::detect();
     if m == 1 {
         pool.install(|| {
             out.par_chunks_mut(chunk)
@@ -225,22 +235,51 @@ fn rows_dot(kernel: Kernel, w: &Q8Matrix, r0: usize, aq: &[i8], ad: &[f32], out:
     }
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kernel {
     Scalar,
     #[cfg(target_arch = "x86_64")]
     Avx2,
+    /// AVX-512 with VNNI: one `vpdpbusd` does the 64 multiply-adds of two blocks that take
+    /// AVX2 four instructions per block.
+    #[cfg(target_arch = "x86_64")]
+    Avx512Vnni,
 }
 
 impl Kernel {
+    /// The fastest kernel this CPU runs, detected once. `TALKLINE_LLM_KERNEL` (`scalar`,
+    /// `avx2`, `avx512vnni`) picks a slower one instead, to compare them in one build.
     fn detect() -> Self {
+        static DETECTED: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+        *DETECTED.get_or_init(|| {
+            let available = Kernel::available();
+            let wanted = std::env::var("TALKLINE_LLM_KERNEL").unwrap_or_default();
+            available
+                .iter()
+                .find(|k| format!("{k:?}").eq_ignore_ascii_case(&wanted))
+                .or(available.last())
+                .copied()
+                .unwrap_or(Kernel::Scalar)
+        })
+    }
+
+    /// Every kernel this CPU can run, slowest first.
+    fn available() -> Vec<Kernel> {
+        #[allow(unused_mut)]
+        let mut kernels = vec![Kernel::Scalar];
         #[cfg(target_arch = "x86_64")]
         {
             if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                return Kernel::Avx2;
+                kernels.push(Kernel::Avx2);
+                if std::is_x86_feature_detected!("avx512f")
+                    && std::is_x86_feature_detected!("avx512bw")
+                    && std::is_x86_feature_detected!("avx512vnni")
+                {
+                    kernels.push(Kernel::Avx512Vnni);
+                }
             }
         }
-        Kernel::Scalar
+        kernels
     }
 
     /// Four consecutive weight rows (`wq`, `wd` hold all four) against one activation row.
@@ -253,9 +292,12 @@ impl Kernel {
                     dot_scalar(&wq[i * k..(i + 1) * k], &wd[i * b..(i + 1) * b], aq, ad)
                 })
             }
-            // SAFETY: `detect` returned Avx2 only after checking the CPU has AVX2 and FMA.
+            // SAFETY: `available` offers Avx2 only after checking the CPU has AVX2 and FMA.
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2 => unsafe { dot4_avx2(wq, wd, aq, ad) },
+            // SAFETY: `available` offers it only after checking AVX-512 F, BW and VNNI.
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Vnni => unsafe { dot4_avx512vnni(wq, wd, aq, ad) },
         }
     }
 
@@ -263,9 +305,14 @@ impl Kernel {
     fn dot(self, wq: &[i8], wd: &[f32], aq: &[i8], ad: &[f32]) -> f32 {
         match self {
             Kernel::Scalar => dot_scalar(wq, wd, aq, ad),
-            // SAFETY: `detect` returned Avx2 only after checking the CPU has AVX2 and FMA.
+            // SAFETY: `available` offers Avx2 only after checking the CPU has AVX2 and FMA.
             #[cfg(target_arch = "x86_64")]
             Kernel::Avx2 => unsafe { dot_avx2(wq, wd, aq, ad) },
+            // A single row is the tail of a matrix whose rows are not a multiple of four: rare
+            // enough that the AVX2 code does.
+            // SAFETY: `available` offers Avx512Vnni only where AVX2 and FMA were found too.
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Vnni => unsafe { dot_avx2(wq, wd, aq, ad) },
         }
     }
 }
@@ -328,6 +375,62 @@ unsafe fn dot4_avx2(wq: &[i8], wd: &[f32], aq: &[i8], ad: &[f32]) -> [f32; 4] {
     [hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3])]
 }
 
+/// [`dot4_avx2`] with AVX-512 VNNI, two blocks per step. `vpdpbusd` multiplies unsigned by
+/// signed bytes, so as in ggml the weights' signs move onto the activations: |w| x (a * sign(w)).
+/// Lanes 0-7 of the 16 sums belong to the first block and 8-15 to the second, so each half is
+/// scaled by its own block's scale. An odd last block is loaded masked, its other half zero.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn dot4_avx512vnni(wq: &[i8], wd: &[f32], aq: &[i8], ad: &[f32]) -> [f32; 4] {
+    use std::arch::x86_64::*;
+    let blocks = ad.len();
+    let k = aq.len();
+    assert!(
+        wq.len() == 4 * k && wd.len() == 4 * blocks && k == blocks * BLOCK,
+        "invariant: four weight rows of the activation's length"
+    );
+    let zero = _mm512_setzero_si512();
+    // Spreads a pair of block scales over the two halves of a vector.
+    let halves = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    let pair = |p: *const f32, both: bool| {
+        let lo = _mm512_set1_ps(*p);
+        if both {
+            let two = _mm512_castpd_ps(_mm512_set1_pd((p as *const f64).read_unaligned()));
+            _mm512_permutexvar_ps(halves, two)
+        } else {
+            _mm512_mask_blend_ps(0xFF00, lo, _mm512_setzero_ps())
+        }
+    };
+    let mut acc = [_mm512_setzero_ps(); 4];
+    let wp = wq.as_ptr();
+    let ap = aq.as_ptr();
+    let mut b = 0;
+    while b < blocks {
+        let both = b + 1 < blocks;
+        // Both blocks of the step, or the last one alone with the upper half zero.
+        let mask: __mmask64 = if both { !0 } else { 0xFFFF_FFFF };
+        // SAFETY: `mask` limits the loads to `blocks * 32` quants and `both` the scale reads to
+        // `blocks` scales: the asserted lengths.
+        let a = _mm512_maskz_loadu_epi8(mask, ap.add(b * BLOCK));
+        let a_scale = pair(ad.as_ptr().add(b), both);
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let w = _mm512_maskz_loadu_epi8(mask, wp.add(r * k + b * BLOCK));
+            let negative = _mm512_movepi8_mask(w);
+            let signed_a = _mm512_mask_sub_epi8(a, negative, zero, a);
+            let dot = _mm512_dpbusd_epi32(zero, _mm512_abs_epi8(w), signed_a);
+            let scale = _mm512_mul_ps(pair(wd.as_ptr().add(r * blocks + b), both), a_scale);
+            *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, *acc);
+        }
+        b += 2;
+    }
+    [
+        _mm512_reduce_add_ps(acc[0]),
+        _mm512_reduce_add_ps(acc[1]),
+        _mm512_reduce_add_ps(acc[2]),
+        _mm512_reduce_add_ps(acc[3]),
+    ]
+}
+
 /// The ggml AVX2 Q8_0 x Q8_0 block dot: |w| x sign(a, w) with `maddubs`, widened by `madd`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
@@ -362,7 +465,8 @@ mod tests {
 
     #[test]
     fn simd_and_scalar_kernels_agree() {
-        // 42 rows: ten four-row groups and a single-row tail.
+        // 42 rows: ten four-row groups and a two-row tail; 96 columns are an odd number
+        // of blocks, the AVX-512 kernel's masked last step.
         for cols in [96, 128] {
             kernels_agree(cols, 42);
         }
@@ -382,9 +486,25 @@ mod tests {
             .num_threads(2)
             .build()
             .expect("a two-thread pool can be built");
-        let mut out = vec![0.0; 2 * rows];
-        let mut scratch = Vec::new();
-        matmul(&pool, &wm, &act, &mut out, &mut scratch);
+        for kernel in Kernel::available() {
+            let mut out = vec![0.0; 2 * rows];
+            let mut scratch = Vec::new();
+            matmul_with(kernel, &pool, &wm, &act, &mut out, &mut scratch);
+            check_against_scalar_and_exact(&w, &x, &wm, &act, &out, rows, cols, kernel);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn check_against_scalar_and_exact(
+        w: &[f32],
+        x: &[f32],
+        wm: &Q8Matrix,
+        act: &Q8Act,
+        out: &[f32],
+        rows: usize,
+        cols: usize,
+        kernel: Kernel,
+    ) {
         for j in 0..2 {
             for r in 0..rows {
                 let bpr = cols / BLOCK;
@@ -402,11 +522,11 @@ mod tests {
                 let got = out[j * rows + r];
                 assert!(
                     (got - scalar).abs() <= 1e-3 * scalar.abs().max(1.0),
-                    "{got} {scalar}"
+                    "{kernel:?}: {got} {scalar}"
                 );
                 assert!(
                     (got - exact).abs() <= 0.01 * magnitude,
-                    "{got} {exact} {magnitude}"
+                    "{kernel:?}: {got} {exact} {magnitude}"
                 );
             }
         }
