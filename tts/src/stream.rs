@@ -344,6 +344,7 @@ fn synthesize_chunk(
         text_done: 0,
         emitted: 0,
         trimmed: 0,
+        lead_in: Vec::new(),
         started: false,
     };
     // (byte end in `spoken`, sample at the voice's rate into the chunk) of every spoken word.
@@ -366,7 +367,7 @@ fn synthesize_chunk(
         }
         let mut out = resampler.push(&samples)?;
         out.extend(resampler.finish()?);
-        return Ok(emit(pieces.next(out, &spoken_ends, true)));
+        return Ok(pieces.next(out, &spoken_ends, true).is_none_or(&mut *emit));
     }
 
     let sentences = {
@@ -377,7 +378,9 @@ fn synthesize_chunk(
     let mut base = 0u64;
     let count = sentences.len();
     if count == 0 {
-        return Ok(emit(pieces.next(Vec::new(), &spoken_ends, true)));
+        return Ok(pieces
+            .next(Vec::new(), &spoken_ends, true)
+            .is_none_or(&mut *emit));
     }
     for (k, (phonemes, ids, span)) in sentences.into_iter().enumerate() {
         let encoded = lock().encode(&ids, run_options)?;
@@ -407,8 +410,10 @@ fn synthesize_chunk(
             if last {
                 out.extend(resampler.finish()?);
             }
-            if !emit(pieces.next(out, &spoken_ends, last)) {
-                return Ok(false);
+            if let Some(piece) = pieces.next(out, &spoken_ends, last) {
+                if !emit(piece) {
+                    return Ok(false);
+                }
             }
         }
         base += total as u64;
@@ -449,25 +454,43 @@ struct Pieces<'a> {
     text_done: usize,
     /// Output samples emitted so far (after the lead-in trim).
     emitted: u64,
-    /// Output samples cut from the lead-in.
+    /// Output samples cut from the lead-in (those held in `lead_in` included).
     trimmed: u64,
+    /// The end of a silent first piece, kept in case the sound's onset follows in the next.
+    lead_in: Vec<f32>,
     started: bool,
 }
 
 impl Pieces<'_> {
     /// The next piece: `samples` at the output rate, `spoken_ends` as far as known (voice rate,
     /// into the chunk), `last` for the chunk's final piece.
+    /// `None` while everything so far is the first chunk's silent lead-in, which is dropped.
     fn next(
         &mut self,
         mut samples: Vec<f32>,
         spoken_ends: &[(usize, u64)],
         last: bool,
-    ) -> AudioChunk {
+    ) -> Option<AudioChunk> {
         if !self.started && !samples.is_empty() {
-            self.started = true;
             if self.trim_lead_in {
-                self.trimmed = trim_lead_in(&mut samples, &mut [], self.out_rate) as u64;
+                let mut held = std::mem::take(&mut self.lead_in);
+                self.trimmed -= held.len() as u64;
+                held.append(&mut samples);
+                samples = held;
+                let cut = trim_lead_in(&mut samples, &mut [], self.out_rate);
+                self.trimmed += cut as u64;
+                let silent = samples.iter().all(|s| s.abs() <= LEAD_IN_SILENCE);
+                if silent && !last {
+                    // A long pause before the first word (Piper's durations are random) can fill
+                    // the whole first window: nothing of it is sent, but the end of it may be
+                    // the sound's lead-in, so that much waits for the next piece.
+                    let keep = (LEAD_IN_KEEP_S * f64::from(self.out_rate)) as usize;
+                    self.lead_in = samples.split_off(samples.len().saturating_sub(keep));
+                    self.trimmed += samples.len() as u64 + self.lead_in.len() as u64;
+                    return None;
+                }
             }
+            self.started = true;
         }
         let start = self.emitted;
         let end = start + samples.len() as u64;
@@ -506,7 +529,7 @@ impl Pieces<'_> {
             .collect();
         self.text_done = text_end.max(self.text_done);
         self.emitted = end;
-        AudioChunk {
+        Some(AudioChunk {
             index: self.index,
             text,
             ends_chunk: last,
@@ -515,7 +538,7 @@ impl Pieces<'_> {
             skipped: std::mem::take(&mut self.skipped),
             word_ends,
             timed_by_model: self.timed_by_model,
-        }
+        })
     }
 }
 
@@ -760,6 +783,45 @@ mod tests {
         let mut silent = vec![0.0f32; 100];
         assert_eq!(trim_lead_in(&mut silent, &mut [], rate), 0);
         assert_eq!(silent.len(), 100);
+    }
+
+    #[test]
+    fn a_first_window_of_pure_lead_in_is_not_sent() {
+        let rate = 16_000;
+        let mut pieces = Pieces {
+            index: 0,
+            text: "The American Heart Association",
+            words: &[],
+            skipped: Vec::new(),
+            timed_by_model: false,
+            voice_rate: rate,
+            out_rate: rate,
+            trim_lead_in: true,
+            next_word: 0,
+            text_done: 0,
+            emitted: 0,
+            trimmed: 0,
+            lead_in: Vec::new(),
+            started: false,
+        };
+        // Piper sometimes opens a sentence with a third of a second of near-silence.
+        let silence = vec![0.001f32; 4_480];
+        assert!(pieces.next(silence, &[], false).is_none());
+        let mut sound = vec![0.001f32; 1_600];
+        sound.extend([0.3, -0.2]);
+        let piece = pieces.next(sound, &[], false).expect("the sound is sent");
+        let keep = (LEAD_IN_KEEP_S * f64::from(rate)) as usize;
+        assert_eq!(piece.samples.len(), keep + 2);
+        assert_eq!(piece.samples[keep], 0.3);
+        assert_eq!(pieces.trimmed, (4_480 + 1_600 - keep) as u64);
+        let rest = pieces
+            .next(vec![0.0; 10], &[], true)
+            .expect("the last piece");
+        assert_eq!(
+            rest.samples.len(),
+            10,
+            "only the first sound's lead-in is cut"
+        );
     }
 
     #[test]
