@@ -398,14 +398,18 @@ fn synthesize_chunk(
             .map(|(end, t)| (end, base + t)),
         );
         let frames = encoded.frames();
-        let windows = match config.first_window_frames {
-            Some(first) if chunk.index == 0 && k == 0 => growing_windows(frames, first),
-            _ => std::iter::once(0..frames).collect(),
+        // The first sentence of a reply is decoded in windows of `first` frames, then each
+        // [`WINDOW_GROWTH`] times the last; a window that was all lead-in silence (and sent
+        // nothing) does not count, so the first sound still comes in a short window.
+        let mut window = match config.first_window_frames {
+            Some(first) if chunk.index == 0 && k == 0 => first.max(1),
+            _ => frames,
         };
-        let last_window = windows.len().saturating_sub(1);
-        for (w, window) in windows.into_iter().enumerate() {
-            let samples = lock().decode(&encoded, window, run_options)?;
-            let last = k + 1 == count && w == last_window;
+        let mut start = 0;
+        loop {
+            let end = (start + window).min(frames);
+            let samples = lock().decode(&encoded, start..end, run_options)?;
+            let last = k + 1 == count && end == frames;
             let mut out = resampler.push(&samples)?;
             if last {
                 out.extend(resampler.finish()?);
@@ -414,27 +418,16 @@ fn synthesize_chunk(
                 if !emit(piece) {
                     return Ok(false);
                 }
+                window *= WINDOW_GROWTH;
             }
+            if end == frames {
+                break;
+            }
+            start = end;
         }
         base += total as u64;
     }
     Ok(true)
-}
-
-/// `0..frames` cut into windows of `first`, then [`WINDOW_GROWTH`] times the last, to the end.
-fn growing_windows(frames: usize, first: usize) -> Vec<std::ops::Range<usize>> {
-    let mut windows = Vec::new();
-    let (mut start, mut size) = (0, first.max(1));
-    while start < frames {
-        let end = (start + size).min(frames);
-        windows.push(start..end);
-        start = end;
-        size *= WINDOW_GROWTH;
-    }
-    if windows.is_empty() {
-        windows.push(0..0);
-    }
-    windows
 }
 
 /// Cuts one text chunk's audio into pieces, giving each piece the words whose end it holds.
