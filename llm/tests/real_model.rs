@@ -55,7 +55,10 @@ fn greedy_reply_ends_at_end_of_turn_and_answers() {
     let mut streamed = String::new();
     let reply = session
         .reply(
-            &[Message::user("What is the capital of France?")],
+            // Not "What is the capital of France?": on that prompt the 135M model's greedy path
+            // turns on the rounding of its Q8 activations, so the answer differs between the
+            // scalar, AVX2 and AVX-512 kernels. This one answers "Paris" on all three.
+            &[Message::user("Name the capital city of France.")],
             &greedy(24),
             &CancelToken::new(),
             &mut |piece| streamed.push_str(piece),
