@@ -8,7 +8,7 @@
 //! the end of turn hang on that moment.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -28,6 +28,9 @@ pub struct AsrEngine {
     model: WhisperModel,
     options: DecodeOptions,
     slots: Arc<DecodeSlots>,
+    /// Streams open now: `final_threads` is only for a lone caller, whose LLM and TTS are idle
+    /// while its final decode runs; with other callers their replies need those cores.
+    open_streams: Arc<AtomicUsize>,
 }
 
 /// A counting semaphore: at most `max` decodes run at once, process-wide.
@@ -69,6 +72,7 @@ impl AsrEngine {
                 freed: Condvar::new(),
                 max: max_concurrent_decodes.max(1),
             }),
+            open_streams: Arc::default(),
         }
     }
 
@@ -97,6 +101,7 @@ impl AsrEngine {
                 slots: self.slots.clone(),
                 queue: decoder.clone(),
                 inbox: inbox.clone(),
+                open_streams: self.open_streams.clone(),
             };
             std::thread::Builder::new()
                 .name(format!("asr-dec-{name}"))
@@ -115,9 +120,11 @@ impl AsrEngine {
             .name(format!("asr-{name}"))
             .spawn(move || listener.run())
             .map_err(|e| AsrError::Inference(format!("cannot start the ASR thread: {e}")))?;
+        self.open_streams.fetch_add(1, Ordering::Relaxed);
         Ok(AsrStream {
             inbox,
             thread: Some(thread),
+            open_streams: self.open_streams.clone(),
         })
     }
 }
@@ -151,6 +158,7 @@ struct Inbox {
 pub struct AsrStream {
     inbox: Arc<Inbox>,
     thread: Option<JoinHandle<()>>,
+    open_streams: Arc<AtomicUsize>,
 }
 
 impl AsrStream {
@@ -207,6 +215,7 @@ impl AsrStream {
         }
         self.inbox.wake.notify_one();
         if let Some(thread) = self.thread.take() {
+            self.open_streams.fetch_sub(1, Ordering::Relaxed);
             if thread.join().is_err() {
                 tracing::error!("the ASR thread panicked");
             }
@@ -364,6 +373,7 @@ struct Decoder {
     slots: Arc<DecodeSlots>,
     queue: Arc<DecoderQueue>,
     inbox: Arc<Inbox>,
+    open_streams: Arc<AtomicUsize>,
 }
 
 impl Decoder {
@@ -385,9 +395,13 @@ impl Decoder {
                         .unwrap_or_else(|p| p.into_inner());
                 }
             };
+            let mut options = self.options.clone();
+            if self.open_streams.load(Ordering::Relaxed) > 1 {
+                options.final_threads = options.threads;
+            }
             let options = DecodeOptions {
                 abort: Some(job.abort.clone()),
-                ..self.options.for_request(&job.request)
+                ..options.for_request(&job.request)
             };
             let (result, decode_ms) = {
                 let _slot = self.slots.acquire();
