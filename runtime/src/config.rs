@@ -204,8 +204,9 @@ pub struct AsrConfig {
     /// Whisper threads per partial re-decode while the user speaks.
     pub threads: usize,
     /// Whisper threads for the decode at a pause, whose result usually becomes the final
-    /// transcript: the reply waits on it, and the LLM and TTS are idle then. Default: 2, or 1 on
-    /// a one-core machine.
+    /// transcript: the reply waits on it, and the LLM and TTS are idle then. Used only while one
+    /// caller is connected; with more, their replies need the cores and `threads` applies.
+    /// Default: 2, or 1 on a one-core machine.
     pub final_threads: usize,
     /// Decodes that may run at once across all sessions; with `threads` this caps the cores
     /// Whisper takes from the LLM and TTS.
