@@ -340,12 +340,7 @@ fn synthesize_chunk(
         voice_rate,
         out_rate,
         trim_lead_in: config.trim_lead_in && chunk.index == 0,
-        next_word: 0,
-        text_done: 0,
-        emitted: 0,
-        trimmed: 0,
-        lead_in: Vec::new(),
-        started: false,
+        ..Pieces::default()
     };
     // (byte end in `spoken`, sample at the voice's rate into the chunk) of every spoken word.
     let mut spoken_ends: Vec<(usize, u64)> = Vec::new();
@@ -431,6 +426,7 @@ fn synthesize_chunk(
 }
 
 /// Cuts one text chunk's audio into pieces, giving each piece the words whose end it holds.
+#[derive(Default)]
 struct Pieces<'a> {
     index: usize,
     text: &'a str,
@@ -784,18 +780,10 @@ mod tests {
         let mut pieces = Pieces {
             index: 0,
             text: "The American Heart Association",
-            words: &[],
-            skipped: Vec::new(),
-            timed_by_model: false,
             voice_rate: rate,
             out_rate: rate,
             trim_lead_in: true,
-            next_word: 0,
-            text_done: 0,
-            emitted: 0,
-            trimmed: 0,
-            lead_in: Vec::new(),
-            started: false,
+            ..Pieces::default()
         };
         // Piper sometimes opens a sentence with a third of a second of near-silence.
         let silence = vec![0.001f32; 4_480];
