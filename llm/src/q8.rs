@@ -181,21 +181,42 @@ fn matmul_with(
                 let r0 = ci * chunk;
                 let rows = out_t.len() / m;
                 let mut col = [0f32; 4];
+                let mut tile = [[0f32; 4]; 4];
                 // Four weight rows at a time stay in L1 while every activation row passes.
                 let mut i = 0;
                 while i < rows {
                     let group = (rows - i).min(4);
-                    for j in 0..m {
-                        rows_dot(
-                            kernel,
-                            w,
-                            r0 + i,
-                            &a.q[j * a.cols..(j + 1) * a.cols],
-                            &a.d[j * bpr..(j + 1) * bpr],
-                            &mut col[..group],
-                        );
-                        for (g, v) in col[..group].iter().enumerate() {
-                            out_t[(i + g) * m + j] = *v;
+                    if group == 4 {
+                        let r = r0 + i;
+                        // Up to four activation rows per kernel call (see `dot4_rows`).
+                        for j0 in (0..m).step_by(4) {
+                            let n = (m - j0).min(4);
+                            kernel.dot4_rows(
+                                &w.q[r * w.cols..(r + 4) * w.cols],
+                                &w.d[r * bpr..(r + 4) * bpr],
+                                &a.q[j0 * a.cols..(j0 + n) * a.cols],
+                                &a.d[j0 * bpr..(j0 + n) * bpr],
+                                &mut tile[..n],
+                            );
+                            for (j, v) in tile[..n].iter().enumerate() {
+                                for (g, v) in v.iter().enumerate() {
+                                    out_t[(i + g) * m + j0 + j] = *v;
+                                }
+                            }
+                        }
+                    } else {
+                        for j in 0..m {
+                            rows_dot(
+                                kernel,
+                                w,
+                                r0 + i,
+                                &a.q[j * a.cols..(j + 1) * a.cols],
+                                &a.d[j * bpr..(j + 1) * bpr],
+                                &mut col[..group],
+                            );
+                            for (g, v) in col[..group].iter().enumerate() {
+                                out_t[(i + g) * m + j] = *v;
+                            }
                         }
                     }
                     i += group;
@@ -297,7 +318,41 @@ impl Kernel {
             Kernel::Avx2 => unsafe { dot4_avx2(wq, wd, aq, ad) },
             // SAFETY: `available` offers it only after checking AVX-512 F, BW and VNNI.
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512Vnni => unsafe { dot4_avx512vnni(wq, wd, aq, ad) },
+            Kernel::Avx512Vnni => unsafe { dot4xm_avx512vnni::<1>(wq, wd, aq, ad)[0] },
+        }
+    }
+
+    /// Four consecutive weight rows against one to four activation rows (`aq`, `ad` hold them
+    /// all): `out[j][r]` = dot(weight row r, activation row j). With AVX-512 each weight block is
+    /// loaded once for all of them; four activation rows make 16 accumulators, half of
+    /// AVX-512's registers.
+    fn dot4_rows(self, wq: &[i8], wd: &[f32], aq: &[i8], ad: &[f32], out: &mut [[f32; 4]]) {
+        let m = out.len();
+        let (k, blocks) = (aq.len() / m, ad.len() / m);
+        match self {
+            // SAFETY: `available` offers it only after checking AVX-512 F, BW and VNNI.
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Vnni => unsafe {
+                match out {
+                    [o0, o1, o2, o3] => {
+                        [*o0, *o1, *o2, *o3] = dot4xm_avx512vnni::<4>(wq, wd, aq, ad);
+                    }
+                    [o0, o1, o2] => [*o0, *o1, *o2] = dot4xm_avx512vnni::<3>(wq, wd, aq, ad),
+                    [o0, o1] => [*o0, *o1] = dot4xm_avx512vnni::<2>(wq, wd, aq, ad),
+                    [o0] => [*o0] = dot4xm_avx512vnni::<1>(wq, wd, aq, ad),
+                    _ => unreachable!("invariant: one to four activation rows per call"),
+                }
+            },
+            _ => {
+                for (j, out) in out.iter_mut().enumerate() {
+                    *out = self.dot4(
+                        wq,
+                        wd,
+                        &aq[j * k..(j + 1) * k],
+                        &ad[j * blocks..(j + 1) * blocks],
+                    );
+                }
+            }
         }
     }
 
@@ -375,21 +430,34 @@ unsafe fn dot4_avx2(wq: &[i8], wd: &[f32], aq: &[i8], ad: &[f32]) -> [f32; 4] {
     [hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3])]
 }
 
-/// [`dot4_avx2`] with AVX-512 VNNI, two blocks per step. `vpdpbusd` multiplies unsigned by
-/// signed bytes, so as in ggml the weights' signs move onto the activations: |w| x (a * sign(w)).
+/// Four weight rows against `M` activation rows with AVX-512 VNNI, two blocks per step: `out[j][r]`.
+///
+/// `vpdpbusd` multiplies unsigned by signed bytes. ggml moves the weights' signs onto the
+/// activations, three instructions per weight and activation pair. Here the activations are made
+/// unsigned instead, `a + 128` (a flip of the sign bit), and the accumulator starts at
+/// `-128 * sum(w)`, computed once per weight block for all `M` activation rows:
+/// `sum((a + 128) * w) - 128 * sum(w) = sum(a * w)`, exactly, in 32-bit integers. So a pair costs
+/// one `vpdpbusd`, and the sums are bit for bit those of the sign trick.
+///
 /// Lanes 0-7 of the 16 sums belong to the first block and 8-15 to the second, so each half is
 /// scaled by its own block's scale. An odd last block is loaded masked, its other half zero.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn dot4_avx512vnni(wq: &[i8], wd: &[f32], aq: &[i8], ad: &[f32]) -> [f32; 4] {
+unsafe fn dot4xm_avx512vnni<const M: usize>(
+    wq: &[i8],
+    wd: &[f32],
+    aq: &[i8],
+    ad: &[f32],
+) -> [[f32; 4]; M] {
     use std::arch::x86_64::*;
-    let blocks = ad.len();
-    let k = aq.len();
+    let blocks = ad.len() / M;
+    let k = blocks * BLOCK;
     assert!(
-        wq.len() == 4 * k && wd.len() == 4 * blocks && k == blocks * BLOCK,
-        "invariant: four weight rows of the activation's length"
+        wq.len() == 4 * k && wd.len() == 4 * blocks && aq.len() == M * k && ad.len() == M * blocks,
+        "invariant: four weight rows and M activation rows of one length"
     );
     let zero = _mm512_setzero_si512();
+    let sign_bit = _mm512_set1_epi8(i8::MIN);
     // Spreads a pair of block scales over the two halves of a vector.
     let halves = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
     let pair = |p: *const f32, both: bool| {
@@ -401,7 +469,7 @@ unsafe fn dot4_avx512vnni(wq: &[i8], wd: &[f32], aq: &[i8], ad: &[f32]) -> [f32;
             _mm512_mask_blend_ps(0xFF00, lo, _mm512_setzero_ps())
         }
     };
-    let mut acc = [_mm512_setzero_ps(); 4];
+    let mut acc = [[_mm512_setzero_ps(); 4]; M];
     let wp = wq.as_ptr();
     let ap = aq.as_ptr();
     let mut b = 0;
@@ -409,26 +477,33 @@ unsafe fn dot4_avx512vnni(wq: &[i8], wd: &[f32], aq: &[i8], ad: &[f32]) -> [f32;
         let both = b + 1 < blocks;
         // Both blocks of the step, or the last one alone with the upper half zero.
         let mask: __mmask64 = if both { !0 } else { 0xFFFF_FFFF };
-        // SAFETY: `mask` limits the loads to `blocks * 32` quants and `both` the scale reads to
-        // `blocks` scales: the asserted lengths.
-        let a = _mm512_maskz_loadu_epi8(mask, ap.add(b * BLOCK));
-        let a_scale = pair(ad.as_ptr().add(b), both);
-        for (r, acc) in acc.iter_mut().enumerate() {
-            let w = _mm512_maskz_loadu_epi8(mask, wp.add(r * k + b * BLOCK));
-            let negative = _mm512_movepi8_mask(w);
-            let signed_a = _mm512_mask_sub_epi8(a, negative, zero, a);
-            let dot = _mm512_dpbusd_epi32(zero, _mm512_abs_epi8(w), signed_a);
-            let scale = _mm512_mul_ps(pair(wd.as_ptr().add(r * blocks + b), both), a_scale);
-            *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, *acc);
+        let mut w = [zero; 4];
+        let mut bias = [zero; 4];
+        let mut w_scale = [_mm512_setzero_ps(); 4];
+        for r in 0..4 {
+            // SAFETY: `mask` limits the loads to `blocks * 32` quants of each row and `both`
+            // the scale reads to `blocks` scales: the asserted lengths.
+            w[r] = _mm512_maskz_loadu_epi8(mask, wp.add(r * k + b * BLOCK));
+            bias[r] = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, sign_bit, w[r]));
+            w_scale[r] = pair(wd.as_ptr().add(r * blocks + b), both);
+        }
+        for (j, acc) in acc.iter_mut().enumerate() {
+            // SAFETY: as above, for activation row `j`. A masked-off byte becomes 128, against
+            // a zero weight.
+            let a = _mm512_xor_si512(
+                _mm512_maskz_loadu_epi8(mask, ap.add(j * k + b * BLOCK)),
+                sign_bit,
+            );
+            let a_scale = pair(ad.as_ptr().add(j * blocks + b), both);
+            for r in 0..4 {
+                let dot = _mm512_dpbusd_epi32(bias[r], a, w[r]);
+                let scale = _mm512_mul_ps(w_scale[r], a_scale);
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[r]);
+            }
         }
         b += 2;
     }
-    [
-        _mm512_reduce_add_ps(acc[0]),
-        _mm512_reduce_add_ps(acc[1]),
-        _mm512_reduce_add_ps(acc[2]),
-        _mm512_reduce_add_ps(acc[3]),
-    ]
+    acc.map(|acc| acc.map(|acc| _mm512_reduce_add_ps(acc)))
 }
 
 /// The ggml AVX2 Q8_0 x Q8_0 block dot: |w| x sign(a, w) with `maddubs`, widened by `madd`.
@@ -472,25 +547,37 @@ mod tests {
         }
     }
 
+    /// A full tile of four activation rows and a tail of three.
+    const ACT_ROWS: usize = 7;
+
     fn kernels_agree(cols: usize, rows: usize) {
         let w: Vec<f32> = (0..rows * cols)
             .map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0)
             .collect();
-        let x: Vec<f32> = (0..2 * cols)
+        let x: Vec<f32> = (0..ACT_ROWS * cols)
             .map(|i| ((i * 13 % 29) as f32 - 14.0) / 3.0)
             .collect();
         let wm = Q8Matrix::from_f32(rows, cols, &w);
         let mut act = Q8Act::default();
-        act.set(&x, 2, cols);
+        act.set(&x, ACT_ROWS, cols);
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(2)
             .build()
             .expect("a two-thread pool can be built");
         for kernel in Kernel::available() {
-            let mut out = vec![0.0; 2 * rows];
+            let mut out = vec![0.0; ACT_ROWS * rows];
             let mut scratch = Vec::new();
             matmul_with(kernel, &pool, &wm, &act, &mut out, &mut scratch);
             check_against_scalar_and_exact(&w, &x, &wm, &act, &out, rows, cols, kernel);
+            // A batch (prefill) and one row at a time (decode) give the same bits, so a
+            // transcript prefilled in the background continues exactly as a fresh prompt would.
+            for j in 0..ACT_ROWS {
+                let mut one = Q8Act::default();
+                one.set(&x[j * cols..(j + 1) * cols], 1, cols);
+                let mut single = vec![0.0; rows];
+                matmul_with(kernel, &pool, &wm, &one, &mut single, &mut scratch);
+                assert_eq!(single, out[j * rows..(j + 1) * rows], "{kernel:?}, row {j}");
+            }
         }
     }
 
@@ -505,7 +592,7 @@ mod tests {
         cols: usize,
         kernel: Kernel,
     ) {
-        for j in 0..2 {
+        for j in 0..ACT_ROWS {
             for r in 0..rows {
                 let bpr = cols / BLOCK;
                 let scalar = dot_scalar(
