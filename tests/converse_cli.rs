@@ -36,10 +36,15 @@ fn converse(input: &[f32], dir: &Path, extra: &[&str]) -> (Vec<serde_json::Value
     );
     write_wav_16k(&wav, input);
     // `converse` charges each decode's measured time to its simulated clock, and this file's
-    // tests run three processes at once on CI's two cores: two-thread Whisper decodes in all
-    // three would stretch past the pauses the tests script. One thread each, as in a busy server.
+    // tests run three processes at once on CI's two cores: two-thread Whisper decodes (and LLM
+    // passes) in all three would stretch past the pauses the tests script. One thread each, as
+    // in a busy server.
     let config = dir.join("talkline.toml");
-    std::fs::write(&config, "[asr]\nfinal_threads = 1\n").unwrap();
+    std::fs::write(
+        &config,
+        "[asr]\nfinal_threads = 1\n[llm]\nbackend = \"local\"\nsolo_threads = 1\n",
+    )
+    .unwrap();
     let mut args = vec![
         "converse",
         "--config",

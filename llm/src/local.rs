@@ -98,11 +98,17 @@ pub struct LocalChatModel {
 
 impl ChatModel for LocalChatModel {
     fn describe(&self) -> String {
+        let llama = &self.model.llama;
+        let solo = if llama.solo_threads() > llama.threads() {
+            format!(", {} while one conversation is open", llama.solo_threads())
+        } else {
+            String::new()
+        };
         format!(
-            "{} (local, {} weights run as Q8_0, {} thread(s))",
+            "{} (local, {} weights run as Q8_0, {} thread(s){solo})",
             self.model.path.display(),
-            self.model.llama.source_dtype(),
-            self.model.llama.threads()
+            llama.source_dtype(),
+            llama.threads()
         )
     }
 
@@ -124,6 +130,12 @@ pub struct LocalSession {
     probs: Vec<f32>,
 }
 
+impl Drop for LocalSession {
+    fn drop(&mut self) {
+        self.model.llama.session_closed();
+    }
+}
+
 impl std::fmt::Debug for LocalSession {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LocalSession")
@@ -134,6 +146,7 @@ impl std::fmt::Debug for LocalSession {
 
 impl LocalSession {
     pub fn new(model: Arc<LocalModel>) -> Self {
+        model.llama.session_opened();
         LocalSession {
             cache: model.llama.new_cache(),
             scratch: Scratch::default(),

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::Device;
 use rayon::prelude::*;
+use std::sync::atomic::Ordering;
 
 use crate::error::{LlmError, Result};
 use crate::q8::{self, Q8Act, Q8Matrix};
@@ -40,6 +41,10 @@ pub struct LlamaConfig {
 pub struct LoadOptions {
     /// Threads for the matrix products and attention. 0 means all cores.
     pub threads: usize,
+    /// Threads while at most one session is open, when more than `threads`: a lone
+    /// conversation's reply has the cores to itself, while with several each keeps to
+    /// `threads` so that the others' replies and audio are not starved. 0: `threads` always.
+    pub solo_threads: usize,
     /// The longest conversation (prompt and reply, in tokens) a session can hold. The KV cache
     /// reserves address space for this many positions but only touches what is used. Capped by
     /// the model's training context.
@@ -50,6 +55,7 @@ impl Default for LoadOptions {
     fn default() -> Self {
         LoadOptions {
             threads: 1,
+            solo_threads: 0,
             max_context: 4096,
         }
     }
@@ -81,7 +87,12 @@ pub struct Llama {
     rope_cos: Vec<f32>,
     rope_sin: Vec<f32>,
     pool: rayon::ThreadPool,
+    /// `LoadOptions::solo_threads`, when more than `threads`.
+    solo_pool: Option<rayon::ThreadPool>,
+    /// Sessions open on this model (see `LoadOptions::solo_threads`).
+    open_sessions: std::sync::atomic::AtomicUsize,
     threads: usize,
+    solo_threads: usize,
     pub(crate) source_dtype: String,
 }
 
@@ -91,6 +102,7 @@ impl std::fmt::Debug for Llama {
             .field("config", &self.config)
             .field("max_context", &self.max_context)
             .field("threads", &self.threads)
+            .field("solo_threads", &self.solo_threads)
             .finish_non_exhaustive()
     }
 }
@@ -334,13 +346,22 @@ impl Llama {
         } else {
             options.threads
         };
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .thread_name(|i| format!("talkline-llm-{i}"))
-            .build()
-            .map_err(|e| LlmError::InvalidArgument {
-                reason: format!("cannot start {threads} inference threads: {e}"),
-            })?;
+        let pool = |threads: usize, name: &'static str| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .thread_name(move |i| format!("{name}-{i}"))
+                .build()
+                .map_err(|e| LlmError::InvalidArgument {
+                    reason: format!("cannot start {threads} inference threads: {e}"),
+                })
+        };
+        let solo_threads = options.solo_threads.max(threads);
+        let solo_pool = if solo_threads > threads {
+            Some(pool(solo_threads, "talkline-llm-solo")?)
+        } else {
+            None
+        };
+        let pool = pool(threads, "talkline-llm")?;
         Ok(Llama {
             config,
             max_context,
@@ -351,13 +372,45 @@ impl Llama {
             rope_cos,
             rope_sin,
             pool,
+            solo_pool,
+            open_sessions: Default::default(),
             threads,
+            solo_threads,
             source_dtype,
         })
     }
 
     pub fn threads(&self) -> usize {
         self.threads
+    }
+
+    /// Threads while at most one session is open (at least [`Llama::threads`]).
+    pub fn solo_threads(&self) -> usize {
+        self.solo_threads
+    }
+
+    /// A session opened on this model (see `LoadOptions::solo_threads`); pair with
+    /// [`Llama::session_closed`].
+    pub(crate) fn session_opened(&self) {
+        self.open_sessions.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn session_closed(&self) {
+        self.open_sessions.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Threads the next forward pass runs on.
+    pub fn current_threads(&self) -> usize {
+        self.current_pool().current_num_threads()
+    }
+
+    /// The pool a forward pass runs on now. Every pool gives the same bits: a row's dot product
+    /// never depends on how the rows are split over threads.
+    fn current_pool(&self) -> &rayon::ThreadPool {
+        match &self.solo_pool {
+            Some(solo) if self.open_sessions.load(Ordering::Relaxed) <= 1 => solo,
+            _ => &self.pool,
+        }
     }
 
     /// The ggml type of the file's attention weights (before conversion to Q8_0).
@@ -392,12 +445,13 @@ impl Llama {
         // One hop onto the pool per forward pass: the parallel loops inside then run on the
         // pool's own threads instead of waking them from outside for each of the ~250 matrix
         // products (measured: that cost a fifth of the decode time).
-        self.pool
-            .install(|| self.forward_on_pool(cache, s, tokens, all_logits))
+        let pool = self.current_pool();
+        pool.install(|| self.forward_on_pool(pool, cache, s, tokens, all_logits))
     }
 
     fn forward_on_pool(
         &self,
+        pool: &rayon::ThreadPool,
         cache: &mut KvCache,
         s: &mut Scratch,
         tokens: &[u32],
@@ -432,14 +486,15 @@ impl Llama {
         for (li, layer) in self.layers.iter().enumerate() {
             rms_norm(&s.x, &layer.attn_norm, c.rms_eps, &mut s.xn, dim);
             s.act.set(&s.xn, n, dim);
-            q8::matmul(&self.pool, &layer.wq, &s.act, &mut s.q, &mut s.tmp);
-            q8::matmul(&self.pool, &layer.wk, &s.act, &mut s.k, &mut s.tmp);
-            q8::matmul(&self.pool, &layer.wv, &s.act, &mut s.v, &mut s.tmp);
+            q8::matmul(pool, &layer.wq, &s.act, &mut s.q, &mut s.tmp);
+            q8::matmul(pool, &layer.wk, &s.act, &mut s.k, &mut s.tmp);
+            q8::matmul(pool, &layer.wv, &s.act, &mut s.v, &mut s.tmp);
             self.rope(&mut s.q, n, pos0, c.n_heads);
             self.rope(&mut s.k, n, pos0, c.n_kv_heads);
             cache.k[li].extend_from_slice(&s.k);
             cache.v[li].extend_from_slice(&s.v);
             self.attention(
+                pool,
                 &cache.k[li],
                 &cache.v[li],
                 &s.q,
@@ -457,19 +512,19 @@ impl Llama {
                 }
             }
             s.act.set(&s.xn, n, dim);
-            q8::matmul(&self.pool, &layer.wo, &s.act, &mut s.q, &mut s.tmp);
+            q8::matmul(pool, &layer.wo, &s.act, &mut s.q, &mut s.tmp);
             for (x, a) in s.x.iter_mut().zip(&s.q) {
                 *x += a;
             }
             rms_norm(&s.x, &layer.ffn_norm, c.rms_eps, &mut s.xn, dim);
             s.act.set(&s.xn, n, dim);
-            q8::matmul(&self.pool, &layer.w_gate, &s.act, &mut s.gate, &mut s.tmp);
-            q8::matmul(&self.pool, &layer.w_up, &s.act, &mut s.up, &mut s.tmp);
+            q8::matmul(pool, &layer.w_gate, &s.act, &mut s.gate, &mut s.tmp);
+            q8::matmul(pool, &layer.w_up, &s.act, &mut s.up, &mut s.tmp);
             for (g, u) in s.gate.iter_mut().zip(&s.up) {
                 *g = *g / (1.0 + (-*g).exp()) * u;
             }
             s.act_ffn.set(&s.gate, n, c.ffn_dim);
-            q8::matmul(&self.pool, &layer.w_down, &s.act_ffn, &mut s.q, &mut s.tmp);
+            q8::matmul(pool, &layer.w_down, &s.act_ffn, &mut s.q, &mut s.tmp);
             for (x, a) in s.x.iter_mut().zip(&s.q) {
                 *x += a;
             }
@@ -491,7 +546,7 @@ impl Llama {
         if s.logits_full.len() != rows * full {
             s.logits_full.resize(rows * full, 0.0);
         }
-        q8::matmul(&self.pool, out, &s.act, &mut s.logits_full, &mut s.tmp);
+        q8::matmul(pool, out, &s.act, &mut s.logits_full, &mut s.tmp);
         // Some GGUFs pad the output matrix past the tokenizer's vocabulary.
         s.logits.clear();
         for r in 0..rows {
@@ -523,6 +578,7 @@ impl Llama {
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
+        pool: &rayon::ThreadPool,
         k_cache: &[f32],
         v_cache: &[f32],
         q: &[f32],
@@ -538,7 +594,7 @@ impl Llama {
         let group = c.n_heads / c.n_kv_heads;
         let scale = 1.0 / (hd as f32).sqrt();
         let ctx = self.max_context;
-        self.pool.install(|| {
+        pool.install(|| {
             heads_out
                 .par_chunks_mut(n * hd)
                 .zip(scores.par_chunks_mut(ctx))

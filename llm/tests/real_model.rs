@@ -236,6 +236,7 @@ fn greedy_with_draft_model_equals_plain_greedy() {
         load: LoadOptions {
             threads: 2,
             max_context: 1024,
+            ..LoadOptions::default()
         },
     })
     .expect("the Q8_0 GGUF loads");
@@ -307,6 +308,7 @@ fn requantized_q8_0_file_loads_and_agrees_with_the_original() {
         load: LoadOptions {
             threads: 2,
             max_context: 256,
+            ..LoadOptions::default()
         },
     })
     .expect("the converted file loads");
@@ -324,4 +326,38 @@ fn requantized_q8_0_file_loads_and_agrees_with_the_original() {
         .generate(&prompt, &greedy(8), &CancelToken::new(), &mut |_, _| {})
         .expect("generates");
     assert_eq!(ra.tokens, rb.tokens);
+}
+
+#[test]
+fn a_lone_session_on_more_threads_gets_the_same_logits() {
+    let model = LocalModel::load(&LocalConfig {
+        model: support::smollm2_file(support::Q4_1),
+        tokenizer: None,
+        load: LoadOptions {
+            threads: 1,
+            solo_threads: 2,
+            max_context: 256,
+        },
+    })
+    .expect("loads");
+    assert_eq!(model.llama.solo_threads(), 2);
+    let prompt = model
+        .prompt_tokens(&[Message::user("Is my iron level normal?")])
+        .expect("renders");
+    let mut alone = model.session();
+    assert_eq!(model.llama.current_threads(), 2);
+    alone
+        .sync(&prompt, &CancelToken::new())
+        .expect("syncs")
+        .expect("not cancelled");
+    // A second open session sends every forward pass back to the one-thread pool.
+    let mut beside = model.session();
+    assert_eq!(model.llama.current_threads(), 1);
+    beside
+        .sync(&prompt, &CancelToken::new())
+        .expect("syncs")
+        .expect("not cancelled");
+    assert_eq!(alone.logits(), beside.logits());
+    drop(beside);
+    assert_eq!(model.llama.current_threads(), 2);
 }

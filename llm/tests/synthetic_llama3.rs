@@ -178,6 +178,7 @@ fn a_llama3_shaped_gguf_loads_templates_and_decodes_consistently() {
         load: LoadOptions {
             threads: 2,
             max_context: 256,
+            ..LoadOptions::default()
         },
     })
     .expect("the synthetic Llama-3 GGUF loads");

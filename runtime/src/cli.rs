@@ -269,8 +269,15 @@ fn config_check(path: Option<PathBuf>) -> anyhow::Result<ExitCode> {
         } => {
             println!("LLM: OpenAI-compatible server {base_url}, model {model:?} (not contacted)")
         }
-        crate::config::LlmConfig::Local { threads, .. } => {
-            println!("LLM: local candle inference, {threads} thread(s)")
+        crate::config::LlmConfig::Local {
+            threads,
+            solo_threads,
+            ..
+        } => {
+            println!(
+                "LLM: local candle inference, {threads} thread(s), {} while one conversation is open",
+                solo_threads.max(threads)
+            )
         }
     }
     let mut problems = 0;

@@ -286,6 +286,11 @@ pub enum LlmConfig {
         tokenizer: Option<PathBuf>,
         #[serde(default = "default_llm_threads")]
         threads: usize,
+        /// Threads while only one conversation is open (more than `threads` helps only then:
+        /// with several callers, each reply keeps to `threads` and leaves the cores to the
+        /// others). Default: 2, or 1 on a one-core machine.
+        #[serde(default = "default_llm_solo_threads")]
+        solo_threads: usize,
         /// Speculative decoding in conversations, drafted from the conversation itself (prompt
         /// lookup); the output is the same token for token. Off by default: with SmolLM2-135M
         /// on 2 cores it did not bring the first audio sooner (`talkline bench --reps 2`,
@@ -347,12 +352,17 @@ pub(crate) fn default_llm_threads() -> usize {
     1
 }
 
+pub(crate) fn default_llm_solo_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(2))
+}
+
 impl Default for LlmConfig {
     fn default() -> Self {
         LlmConfig::Local {
             model: None,
             tokenizer: None,
             threads: default_llm_threads(),
+            solo_threads: default_llm_solo_threads(),
             prompt_lookup: false,
         }
     }
@@ -756,6 +766,7 @@ mod tests {
                 model: Some(fake),
                 tokenizer: None,
                 threads: 1,
+                solo_threads: 1,
                 prompt_lookup: false,
             },
             ..Config::default()

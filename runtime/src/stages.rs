@@ -12,7 +12,10 @@ use talkline_llm::remote::{OpenAiChatModel, OpenAiConfig};
 use talkline_llm::{ChatModel, DraftSource, LoadOptions, LocalChatModel, LocalConfig, LocalModel};
 use talkline_tts::{PiperVoice, VoiceOptions};
 
-use crate::config::{default_llm_threads, Config, LlmConfig, LlmFallback, Origin, RequiredModel};
+use crate::config::{
+    default_llm_solo_threads, default_llm_threads, Config, LlmConfig, LlmFallback, Origin,
+    RequiredModel,
+};
 use crate::models::ModelStore;
 
 /// The model that holds the espeak-ng data Piper was trained with.
@@ -58,11 +61,14 @@ pub fn chat_model(
         LlmConfig::Local {
             tokenizer,
             threads: configured,
+            solo_threads,
             ..
         } => {
             let path = required_file(config, store, "LLM model")?.path;
             let load = LoadOptions {
                 threads: threads.unwrap_or(*configured),
+                // An explicit thread count (`talkline chat --threads`) is the count, alone or not.
+                solo_threads: threads.unwrap_or(*solo_threads),
                 ..LoadOptions::default()
             };
             let model = LocalModel::load(&LocalConfig {
@@ -126,6 +132,7 @@ pub fn chat_model(
                         model: None,
                         tokenizer: None,
                         threads: threads.unwrap_or_else(default_llm_threads),
+                        solo_threads: threads.unwrap_or_else(default_llm_solo_threads),
                         prompt_lookup: false,
                     };
                     let local = chat_model(

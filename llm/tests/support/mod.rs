@@ -43,6 +43,7 @@ pub fn smollm2() -> Arc<LocalModel> {
             load: LoadOptions {
                 threads: 2,
                 max_context: 1024,
+                ..LoadOptions::default()
             },
         })
         .expect("the SmolLM2 GGUF loads")
