@@ -24,8 +24,9 @@ impl Default for ChunkerConfig {
             first_min_words: 3,
             // Measured with `talkline bench` on the clinic scenario (2 cores): 4 words instead of
             // 6 brought the first audio about 130 ms sooner (p50), two words of SmolLM2 decoding
-            // and a shorter first Piper run.
-            first_max_words: 4,
+            // and a shorter first Piper run; 3 instead of 4, another 40-100 ms (p50 of 20-30
+            // turns, two rounds).
+            first_max_words: 3,
             max_chars: 300,
         }
     }
@@ -233,6 +234,14 @@ fn is_abbreviation(before_period: &str) -> bool {
 mod tests {
     use super::*;
 
+    /// The clause tests below were written for a four-word first cut, and their texts open
+    /// with clauses of four or five words; the cut itself is tested on its own.
+    const FOUR_WORD_FIRST_CUT: ChunkerConfig = ChunkerConfig {
+        first_min_words: 3,
+        first_max_words: 4,
+        max_chars: 300,
+    };
+
     fn feed(tokens: &[&str], config: ChunkerConfig) -> Vec<String> {
         let mut c = ClauseChunker::new(config);
         let mut out: Vec<String> = Vec::new();
@@ -279,7 +288,7 @@ mod tests {
     fn first_chunk_is_a_short_clause_then_sentences() {
         let text = "Your results look good, and nothing needs attention. The hemoglobin is normal, the iron is fine. See you soon!";
         assert_eq!(
-            feed(&tokens(text), ChunkerConfig::default()),
+            feed(&tokens(text), FOUR_WORD_FIRST_CUT),
             [
                 "Your results look good,",
                 "and nothing needs attention.",
@@ -292,10 +301,7 @@ mod tests {
     #[test]
     fn a_clause_too_short_for_the_first_chunk_waits() {
         assert_eq!(
-            feed(
-                &tokens("Yes, that is right, indeed."),
-                ChunkerConfig::default()
-            ),
+            feed(&tokens("Yes, that is right, indeed."), FOUR_WORD_FIRST_CUT),
             ["Yes, that is right,", "indeed."]
         );
     }
@@ -318,7 +324,7 @@ mod tests {
 
     #[test]
     fn punctuation_at_the_end_of_a_token_waits_for_the_next_one() {
-        let mut c = ClauseChunker::new(ChunkerConfig::default());
+        let mut c = ClauseChunker::new(FOUR_WORD_FIRST_CUT);
         assert!(c.push("It is 4.").is_empty(), "could be a decimal");
         assert!(c.push("5 today").is_empty());
         let chunks = c.push(". Then");
@@ -371,15 +377,16 @@ mod tests {
         assert_eq!(
             feed(&tokens(text), ChunkerConfig::default()),
             [
-                "A high cholesterol number",
-                "refers to a person's overall health, and more.",
+                "A high cholesterol",
+                "number refers to a person's overall health, and more.",
                 "Fine.",
             ]
         );
-        // The cut waits until the fourth word is known to be whole.
+        // The cut waits until the third word is known to be whole.
         let mut c = ClauseChunker::new(ChunkerConfig::default());
-        assert!(c.push("A high cholesterol number").is_empty());
-        assert_eq!(c.push(" refers")[0].text, "A high cholesterol number");
+        assert!(c.push("A high cholest").is_empty());
+        assert!(c.push("erol").is_empty());
+        assert_eq!(c.push(" number")[0].text, "A high cholesterol");
     }
 
     #[test]
