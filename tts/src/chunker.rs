@@ -125,8 +125,16 @@ impl ClauseChunker {
             }
         }
         if first && self.config.first_max_words > 0 {
-            if let Some(end) = nth_word_end(&self.buf, self.config.first_max_words) {
-                return Some(end);
+            // A cut after "are", "the" or "of" leaves the voice on a word no phrase ends with,
+            // and its falling pitch there is heard ("Your results are | back"): up to two more
+            // words wait for one that can end a phrase, or for the clause's own end above.
+            let max = self.config.first_max_words;
+            for n in max..=max + 2 {
+                match nth_word_end(&self.buf, n) {
+                    None => break,
+                    Some(end) if n < max + 2 && leaves_a_phrase_open(&self.buf[..end]) => {}
+                    Some(end) => return Some(end),
+                }
             }
         }
         if self.buf.len() > self.config.max_chars {
@@ -163,6 +171,25 @@ fn nth_word_end(s: &str, n: usize) -> Option<usize> {
         }
     }
     None
+}
+
+/// Whether `text` ends on an English function word (an article, preposition, conjunction,
+/// auxiliary or possessive) that a phrase does not end with.
+fn leaves_a_phrase_open(text: &str) -> bool {
+    const OPEN: &[&str] = &[
+        "a", "an", "the", "my", "your", "his", "her", "its", "our", "their", "this", "that",
+        "these", "those", "of", "to", "in", "on", "at", "for", "with", "by", "from", "about", "as",
+        "into", "than", "and", "or", "but", "if", "because", "is", "are", "was", "were", "be",
+        "been", "am", "will", "would", "can", "could", "should", "may", "might", "must", "do",
+        "does", "did", "has", "have", "had", "not", "very", "i", "you", "we", "they", "he", "she",
+        "i'm", "you're", "it's", "we're", "they're", "there's", "what", "which", "who", "how",
+        "some", "any", "no", "more", "most",
+    ];
+    let Some(last) = text.split_whitespace().next_back() else {
+        return false;
+    };
+    let word = last.to_lowercase().replace('\u{2019}', "'");
+    OPEN.contains(&word.as_str())
 }
 
 fn words(s: &str) -> usize {
@@ -301,7 +328,10 @@ mod tests {
     #[test]
     fn a_clause_too_short_for_the_first_chunk_waits() {
         assert_eq!(
-            feed(&tokens("Yes, that is right, indeed."), FOUR_WORD_FIRST_CUT),
+            feed(
+                &tokens("Yes, that is right, indeed."),
+                ChunkerConfig::default()
+            ),
             ["Yes, that is right,", "indeed."]
         );
     }
@@ -387,6 +417,28 @@ mod tests {
         assert!(c.push("A high cholest").is_empty());
         assert!(c.push("erol").is_empty());
         assert_eq!(c.push(" number")[0].text, "A high cholesterol");
+    }
+
+    #[test]
+    fn the_first_cut_never_leaves_the_voice_on_a_word_no_phrase_ends_with() {
+        let config = ChunkerConfig::default();
+        // "are" and "the" wait for the next word; the clause's comma comes first here.
+        assert_eq!(
+            feed(
+                &tokens("Your results are back, and they look good."),
+                config
+            ),
+            ["Your results are back,", "and they look good."]
+        );
+        assert_eq!(
+            feed(&tokens("Your level of the iron is normal today."), config),
+            ["Your level of the iron", "is normal today."]
+        );
+        // At most two words more: a run of function words is cut all the same.
+        assert_eq!(
+            feed(&tokens("It is in the of a test."), config)[0],
+            "It is in the of"
+        );
     }
 
     #[test]
