@@ -375,8 +375,9 @@ pub struct TtsConfig {
     pub voice: Option<PathBuf>,
     /// Speaker id for multi-speaker voices.
     pub speaker: Option<u32>,
-    /// The first chunk of a reply goes to the voice after at most this many words, even
-    /// mid-clause: fewer words start the voice sooner (each word is a few LLM tokens and a slice of
+    /// The first chunk of a reply goes to the voice after this many words (default 3), even
+    /// mid-clause, or up to two words later while the cut would end on a function word ("the",
+    /// "are"): fewer words start the voice sooner (each word is a few LLM tokens and a slice of
     /// the voice's run), at some cost in the prosody of that first cut. 0 waits for the clause.
     pub first_chunk_max_words: Option<usize>,
 }
