@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ort::session::RunOptions;
 
@@ -142,6 +142,7 @@ pub fn start(
             chunker: ClauseChunker::new(config.chunker),
             tx: Some(text_tx),
             cancelled: Arc::clone(&cancelled),
+            sent: 0,
         },
         AudioOutput {
             rx: Some(audio_rx),
@@ -159,6 +160,7 @@ pub struct TextInput {
     chunker: ClauseChunker,
     tx: Option<SyncSender<TextChunk>>,
     cancelled: Arc<AtomicBool>,
+    sent: usize,
 }
 
 impl TextInput {
@@ -172,6 +174,11 @@ impl TextInput {
             self.send(chunk)?;
         }
         Ok(())
+    }
+
+    /// How many chunks have gone to the voice so far.
+    pub fn chunks_sent(&self) -> usize {
+        self.sent
     }
 
     /// Sends the rest of the text; the audio side ends after the last chunk.
@@ -191,6 +198,7 @@ impl TextInput {
             .tx
             .as_ref()
             .expect("the sender lives until finish(), which consumes self");
+        self.sent += 1;
         tx.send(chunk).map_err(|_| {
             if self.cancelled.load(Ordering::SeqCst) {
                 TtsError::Cancelled
@@ -378,7 +386,9 @@ fn synthesize_chunk(
             .is_none_or(&mut *emit));
     }
     for (k, (phonemes, ids, span)) in sentences.into_iter().enumerate() {
+        let encoding = Instant::now();
         let encoded = lock().encode(&ids, run_options)?;
+        let encode_ms = encoding.elapsed().as_secs_f64() * 1000.0;
         let total = encoded.samples();
         spoken_ends.extend(
             word_ends_in(
@@ -403,7 +413,17 @@ fn synthesize_chunk(
         let mut start = 0;
         loop {
             let end = (start + window).min(frames);
+            let decoding = Instant::now();
             let samples = lock().decode(&encoded, start..end, run_options)?;
+            if chunk.index == 0 && k == 0 && start == 0 {
+                tracing::debug!(
+                    encode_ms,
+                    decode_ms = decoding.elapsed().as_secs_f64() * 1000.0,
+                    ids = ids.len(),
+                    frames = end,
+                    "the first window is voiced"
+                );
+            }
             let last = k + 1 == count && end == frames;
             let mut out = resampler.push(&samples)?;
             if last {

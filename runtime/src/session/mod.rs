@@ -475,6 +475,12 @@ async fn run_session(
                 }
             }
         }
+        // A timer made due by what just happened (a Final whose end-of-turn wait has already
+        // passed) fires now, not at the next tick: the reply would wait up to a frame for it.
+        let now = media_now(media_samples, last_audio);
+        while let Some(deadline) = turns.poll_timeout().filter(|t| *t <= now) {
+            turns.handle_timeout(deadline);
+        }
         // Carry out what the turn manager decided.
         while let Some(action) = turns.poll_action() {
             let now = media_now(media_samples, last_audio);
@@ -588,6 +594,11 @@ async fn run_session(
                 }
             }
         }
+        // A reply's first audio goes out now, and its frames are paced from here: on the tick's
+        // old phase it would wait up to a frame (10 ms on average) for nothing.
+        if !queue.is_empty() && playing.as_ref().is_some_and(|p| p.played == 0) {
+            tick.reset_immediately();
+        }
         if hang_up {
             send(
                 &output,
@@ -641,8 +652,13 @@ fn prefill_while_speaking(
         .name("prefill".into())
         .spawn(move || {
             if let Ok(mut session) = chat.try_lock() {
-                if let Err(e) = session.prefill(&messages) {
-                    tracing::debug!("prefill failed: {e}");
+                let started = Instant::now();
+                match session.prefill(&messages) {
+                    Ok(()) => tracing::debug!(
+                        ms = started.elapsed().as_secs_f64() * 1000.0,
+                        "prefilled while the user speaks"
+                    ),
+                    Err(e) => tracing::debug!("prefill failed: {e}"),
                 }
             }
             busy_flag.store(false, Ordering::Release);
