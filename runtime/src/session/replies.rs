@@ -121,13 +121,6 @@ impl Failure {
 /// least every few tens of milliseconds, so only a wedged model run takes longer.
 pub(super) const THREADS_JOIN_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Once a reply's first words are with the voice, the LLM stops decoding until their first
-/// audio exists, at most this long. On a small machine the two compete for the same cores, and
-/// the voice's first window is the caller's wait, while the next words are not needed before
-/// the first ones have played (a second or so). Measured on 2 cores: the first window took
-/// 100-150 ms beside the decoding LLM against 70 ms alone.
-const FIRST_AUDIO_YIELD_MAX: Duration = Duration::from_millis(250);
-
 /// `[agent] fallback_line`, synthesized once per process at the voice's own rate.
 pub struct FallbackLine {
     text: String,
@@ -382,14 +375,7 @@ fn spawn_speech(
                 let (mut text_in, mut audio_out) = stream::start(shared.voice.clone(), config)?;
                 text_in.push(&text)?;
                 text_in.finish()?;
-                Ok(forward_audio(
-                    &mut audio_out,
-                    reply,
-                    thread,
-                    &cancel,
-                    &tx,
-                    None,
-                ))
+                Ok(forward_audio(&mut audio_out, reply, thread, &cancel, &tx))
             })();
             let msg = match result {
                 Ok(0) if !cancel.is_cancelled() => ReplyMsg::Failed {
@@ -515,19 +501,11 @@ fn spawn_reply(
                 let audio_tx = tx.clone();
                 let audio_cancel = cancel.clone();
                 let tts_span = tracing::info_span!("tts");
-                let (first_audio_tx, first_audio_rx) = std::sync::mpsc::sync_channel::<()>(1);
                 let collector = std::thread::Builder::new()
                     .name(format!("reply-{reply}-audio"))
                     .spawn(move || {
                         let _tts = tts_span.enter();
-                        forward_audio(
-                            &mut audio_out,
-                            reply,
-                            thread,
-                            &audio_cancel,
-                            &audio_tx,
-                            Some(first_audio_tx),
-                        )
+                        forward_audio(&mut audio_out, reply, thread, &audio_cancel, &audio_tx)
                     })
                     .map_err(|e| Failure::thread("reply audio", &e))?;
                 let params = GenerateParams {
@@ -586,9 +564,6 @@ fn spawn_reply(
                                     pieces,
                                     "the first chunk went to the voice"
                                 );
-                                // Ends early when the stream ends (a cancelled reply drops
-                                // the sender).
-                                let _ = first_audio_rx.recv_timeout(FIRST_AUDIO_YIELD_MAX);
                             }
                         }
                         if text.replaced {
@@ -666,7 +641,6 @@ fn forward_audio(
     thread: u64,
     cancel: &CancelToken,
     tx: &mpsc::Sender<ReplyMsg>,
-    mut first_audio: Option<std::sync::mpsc::SyncSender<()>>,
 ) -> u64 {
     let mut samples = 0u64;
     while let Some(chunk) = audio_out.recv() {
@@ -678,9 +652,6 @@ fn forward_audio(
             // they would be missing from what was heard.
             Ok(chunk) if chunk.samples.is_empty() && chunk.text.is_empty() => {}
             Ok(chunk) => {
-                if let Some(first) = first_audio.take() {
-                    let _ = first.try_send(());
-                }
                 let n = chunk.samples.len() as u64;
                 let msg = ReplyMsg::Audio {
                     reply,
