@@ -137,14 +137,16 @@ fn talkline_sip(config: &Path, sip: &str, sessions: usize, extra: &[&str]) -> Se
 fn twenty_concurrent_sipp_calls_complete_without_failures() {
     const CALLS: usize = 20;
     /// How long each caller stays on the line after the ACK. Not a latency bound: twenty calls
-    /// share two cores, and a CI run saw a call still waiting for its final at 15 s.
-    const HOLD: Duration = Duration::from_secs(25);
+    /// share two cores (debug build); one CI run saw a call still waiting for its final at 15 s,
+    /// another a reply not yet played out at 25 s, with eight of the twenty answered after 5 s.
+    const HOLD: Duration = Duration::from_secs(40);
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let llm = FaultServer::start(0, Mode::Answer(REPLY.into()));
     let dir = tempfile::tempdir().expect("temp dir");
     let config = scripted_llm_config(dir.path(), &llm.base_url());
     let sip = format!("127.0.0.1:{}", free_udp_port());
-    let server = talkline_sip(&config, &sip, CALLS + 4, &[]);
+    // The caller's RTP ends with its question; the server's media timeout must outlast HOLD.
+    let server = talkline_sip(&config, &sip, CALLS + 4, &["--sip-media-timeout", "60"]);
     write_question(dir.path());
 
     let run = sipp_calls(dir.path(), ASKS, &sip, CALLS, CALLS, HOLD);
@@ -167,14 +169,16 @@ fn twenty_concurrent_sipp_calls_complete_without_failures() {
         "{metrics}"
     );
     // Every caller was heard and answered with audio while on the line: the question ends
-    // about 4 s into the call and takes a second or two to answer, so HOLD leaves a wide
-    // margin for twenty at once on a loaded machine.
+    // about 4 s into the call and takes a second or two to answer alone, so HOLD leaves a wide
+    // margin for twenty at once on a loaded machine. At least one turn per call: under this load
+    // a pause inside the question can outlast the endpoint, and one run heard a question as two
+    // turns (21 for 20 calls), both answered.
     for stage in ["asr_final", "voice_to_voice"] {
         let series = format!("talkline_stage_latency_seconds_count{{stage=\"{stage}\"}}");
-        assert_eq!(
-            metric(&metrics, &series),
-            CALLS as f64,
-            "not every call got to {stage}:\n{metrics}"
+        let turns = metric(&metrics, &series);
+        assert!(
+            turns >= CALLS as f64,
+            "not every call got to {stage} ({turns} turns for {CALLS} calls):\n{metrics}"
         );
     }
 }
