@@ -142,7 +142,6 @@ pub fn start(
             chunker: ClauseChunker::new(config.chunker),
             tx: Some(text_tx),
             cancelled: Arc::clone(&cancelled),
-            sent: 0,
         },
         AudioOutput {
             rx: Some(audio_rx),
@@ -160,7 +159,6 @@ pub struct TextInput {
     chunker: ClauseChunker,
     tx: Option<SyncSender<TextChunk>>,
     cancelled: Arc<AtomicBool>,
-    sent: usize,
 }
 
 impl TextInput {
@@ -174,11 +172,6 @@ impl TextInput {
             self.send(chunk)?;
         }
         Ok(())
-    }
-
-    /// How many chunks have gone to the voice so far.
-    pub fn chunks_sent(&self) -> usize {
-        self.sent
     }
 
     /// Sends the rest of the text; the audio side ends after the last chunk.
@@ -198,7 +191,13 @@ impl TextInput {
             .tx
             .as_ref()
             .expect("the sender lives until finish(), which consumes self");
-        self.sent += 1;
+        if chunk.index == 0 {
+            // A count only: never the words.
+            tracing::debug!(
+                words = chunk.text.split_whitespace().count(),
+                "the first chunk goes to the voice"
+            );
+        }
         tx.send(chunk).map_err(|_| {
             if self.cancelled.load(Ordering::SeqCst) {
                 TtsError::Cancelled

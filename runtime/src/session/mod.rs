@@ -444,11 +444,7 @@ async fn run_session(
                     send(&output, SessionOutput::Event(json!({"type": "bye", "reason": "idle"})), &mut dropped_frames);
                     break Ok(());
                 }
-                let now = media_now(media_samples, last_audio);
-                asr.tick(now);
-                while let Some(deadline) = turns.poll_timeout().filter(|t| *t <= now) {
-                    turns.handle_timeout(deadline);
-                }
+                asr.tick(media_now(media_samples, last_audio));
                 // One paced frame of agent audio.
                 if !queue.is_empty() {
                     let mut out = vec![0.0f32; frame];
@@ -475,8 +471,8 @@ async fn run_session(
                 }
             }
         }
-        // A timer made due by what just happened (a Final whose end-of-turn wait has already
-        // passed) fires now, not at the next tick: the reply would wait up to a frame for it.
+        // Due turn timers fire after every event, not only on the tick: a Final whose end-of-turn
+        // wait has already passed would otherwise make the reply wait up to a frame.
         let now = media_now(media_samples, last_audio);
         while let Some(deadline) = turns.poll_timeout().filter(|t| *t <= now) {
             turns.handle_timeout(deadline);

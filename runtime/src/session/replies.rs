@@ -523,8 +523,6 @@ fn spawn_reply(
                     replaced: false,
                 };
                 let mut first = true;
-                let mut pieces = 0usize;
-                let mut voiced = false;
                 let llm_span = tracing::info_span!("llm").entered();
                 let waiting = Instant::now();
                 let mut chat = chat.lock().map_err(|_| Failure {
@@ -551,19 +549,9 @@ fn spawn_reply(
                             llm_cancel.cancel();
                             return;
                         }
-                        pieces += 1;
                         if let Some(speak) = text.push(piece) {
                             if text_in.push(&speak).is_err() {
                                 llm_cancel.cancel();
-                            }
-                            if !voiced && text_in.chunks_sent() > 0 {
-                                voiced = true;
-                                // Counts and times only: never the words.
-                                tracing::debug!(
-                                    after_ms = waiting.elapsed().as_secs_f64() * 1000.0,
-                                    pieces,
-                                    "the first chunk went to the voice"
-                                );
                             }
                         }
                         if text.replaced {
