@@ -287,3 +287,47 @@ fn two_live_streams_share_one_model_without_crosstalk() {
         stream.close();
     }
 }
+
+#[test]
+fn a_live_stream_says_how_far_it_has_heard_only_after_handing_out_what_it_heard() {
+    use std::sync::mpsc;
+    use talkline_asr::engine::AsrEngine;
+
+    let engine = AsrEngine::new(whisper(), options(), 1);
+    let (tx, rx) = mpsc::channel();
+    let stream = engine
+        .open_stream("heard", StreamingConfig::default(), silero(), move |e| {
+            let _ = tx.send(e);
+        })
+        .unwrap();
+    // Speech, then a second of silence: the endpoint lies well inside the pushed audio.
+    let audio = spoken_clip(&["Is my hemoglobin normal?"], 1.0);
+    let end = audio.len() as f64 / 16_000.0;
+    for (i, frame) in audio.chunks(320).enumerate() {
+        stream.push(i as f64 * 0.02, frame);
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let heard = loop {
+        let heard = stream.heard_until();
+        assert!(heard <= end + 1e-6, "heard {heard} s of {end} s pushed");
+        if heard >= end - 1e-6 {
+            break heard;
+        }
+        assert!(std::time::Instant::now() < deadline, "stuck at {heard} s");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    // Everything the VAD saw up to `heard` was handed out before `heard` got there.
+    let events: Vec<AsrEvent> = rx.try_iter().collect();
+    let ended = events
+        .iter()
+        .find_map(|e| match e {
+            AsrEvent::SpeechEnded { at } => Some(*at),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no end of speech by {heard} s: {events:?}"));
+    assert!(ended < end - 0.5, "speech ended at {ended} s");
+    assert!(events
+        .iter()
+        .any(|e| matches!(e, AsrEvent::SpeechStarted { .. })));
+    stream.close();
+}

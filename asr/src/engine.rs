@@ -141,6 +141,8 @@ struct InboxState {
     /// Finished decodes from the decoder thread.
     results: VecDeque<DecodeOutcome>,
     closed: bool,
+    /// Media time up to which the listener has run the VAD and handed out every event.
+    heard_until: f64,
 }
 
 struct DecodeOutcome {
@@ -193,6 +195,17 @@ impl AsrStream {
     pub fn set_vad_thresholds(&self, threshold: f32, release: f32) {
         let mut state = self.inbox.state.lock().unwrap_or_else(|p| p.into_inner());
         state.thresholds = Some((threshold, release));
+    }
+
+    /// Media time up to which the VAD has run and every event it caused has been handed to
+    /// `on_event` (the handoff happens before this moves). Behind the transport's clock when the
+    /// thread is starved: silence that has arrived but not been heard is not yet silence.
+    pub fn heard_until(&self) -> f64 {
+        self.inbox
+            .state
+            .lock()
+            .map(|s| s.heard_until)
+            .unwrap_or_default()
     }
 
     /// Audio dropped because the thread fell behind.
@@ -300,7 +313,9 @@ impl Listener {
                 self.recognizer
                     .on_decode_result(outcome.id, outcome.result, outcome.decode_ms);
             }
+            let mut heard = clock.unwrap_or(f64::NEG_INFINITY);
             for (timestamp, mut samples) in chunks {
+                heard = heard.max(timestamp + samples.len() as f64 / SAMPLE_RATE as f64);
                 crate::audio::sanitize(&mut samples);
                 if let Err(e) = self.recognizer.push_audio(timestamp, &samples) {
                     tracing::warn!("VAD failed on a frame: {e}");
@@ -315,6 +330,10 @@ impl Listener {
             self.submit_due();
             while let Some(event) = self.recognizer.poll_event() {
                 (self.on_event)(event);
+            }
+            if heard.is_finite() {
+                let mut state = self.inbox.state.lock().unwrap_or_else(|p| p.into_inner());
+                state.heard_until = state.heard_until.max(heard);
             }
         }
         self.stop_decoder();

@@ -49,6 +49,9 @@ pub const REPLY_QUEUE: usize = 32;
 pub const OUTPUT_QUEUE: usize = 50;
 
 const FRAME_S: f64 = 0.02;
+/// How soon the loop looks again at a turn timer that is due by the audio received but not yet
+/// by the audio the VAD has run (normally under a millisecond of work away).
+const TIMER_RECHECK: Duration = Duration::from_millis(3);
 
 /// What every session shares: models loaded once per process.
 pub struct Shared {
@@ -329,6 +332,10 @@ async fn run_session(
     // One background prefill at a time (see `prefill_while_speaking`).
     let prefill_busy = Arc::new(std::sync::atomic::AtomicBool::new(false));
 
+    // Wakes the loop to fire a turn timer the listener is about to reach (see below).
+    let recheck = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(recheck);
+    let mut recheck_armed = false;
     let mut tick = tokio::time::interval(Duration::from_millis(20));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let send = |output: &mpsc::Sender<SessionOutput>, msg: SessionOutput, dropped: &mut u64| {
@@ -339,6 +346,7 @@ async fn run_session(
     let result = loop {
         tokio::select! {
             _ = cancel.cancelled() => break Ok(()),
+            _ = &mut recheck, if recheck_armed => recheck_armed = false,
             audio = input.recv() => {
                 let Some(audio) = audio else { break Ok(()) };
                 media_samples += audio.len() as u64;
@@ -473,9 +481,27 @@ async fn run_session(
         }
         // Due turn timers fire after every event, not only on the tick: a Final whose end-of-turn
         // wait has already passed would otherwise make the reply wait up to a frame.
+        //
+        // They run on the audio the VAD has heard, not on what has arrived: on a starved machine
+        // the listener lags, and a silence timer judged on arrivals would end the turn while the
+        // words that break the silence wait unheard ("one, two," answered before "three, four").
+        // `heard_until` moves only after the events it covers are in `asr_rx`, so it is read
+        // first and the timers wait while any event is still queued.
+        let heard = asr.heard_until();
         let now = media_now(media_samples, last_audio);
-        while let Some(deadline) = turns.poll_timeout().filter(|t| *t <= now) {
-            turns.handle_timeout(deadline);
+        if asr_rx.is_empty() {
+            let turn_now = now.min(heard);
+            while let Some(deadline) = turns.poll_timeout().filter(|t| *t <= turn_now) {
+                turns.handle_timeout(deadline);
+            }
+            // Due by arrivals, not yet heard (the frame that just came is being run): look again
+            // in a moment rather than at the next tick.
+            if turns.poll_timeout().is_some_and(|t| t <= now) {
+                recheck
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + TIMER_RECHECK);
+                recheck_armed = true;
+            }
         }
         // Carry out what the turn manager decided.
         while let Some(action) = turns.poll_action() {
