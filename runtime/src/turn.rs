@@ -197,7 +197,13 @@ pub struct TurnManager {
     end_turn_at: Option<f64>,
     /// Speech that started while the agent replied, not yet long enough to interrupt.
     barge_in_at: Option<f64>,
+    /// Utterances that have ended and whose Final has not come yet (the ASR sends them in order).
+    finals_owed: u32,
 }
+
+/// How long after the last end of speech the turn waits for an owed Final before it ends without
+/// it (a Final lost on the way must not leave the caller unanswered).
+const OWED_FINAL_WAIT_S: f64 = 3.0;
 
 fn normalize(text: &str) -> String {
     text.split_whitespace()
@@ -267,6 +273,7 @@ impl TurnManager {
             speech_end: None,
             end_turn_at: None,
             barge_in_at: None,
+            finals_owed: 0,
         }
     }
 
@@ -303,7 +310,7 @@ impl TurnManager {
         }
         if self.end_turn_at.is_some_and(|t| t <= now) {
             self.end_turn_at = None;
-            self.end_turn();
+            self.end_turn(now);
         }
         if self.barge_in_at.is_some_and(|t| t <= now) {
             self.barge_in_at = None;
@@ -351,6 +358,7 @@ impl TurnManager {
             AsrEvent::SpeechEnded { at } => {
                 self.user_speaking = false;
                 self.speech_end = Some(*at);
+                self.finals_owed += 1;
                 // The utterance is over: its Final, not a partial of it, is what comes next, and
                 // a partial left here would be joined to that Final by a late speculation.
                 self.pause_at = None;
@@ -362,6 +370,7 @@ impl TurnManager {
                 }
             }
             AsrEvent::Final { text, .. } => {
+                self.finals_owed = self.finals_owed.saturating_sub(1);
                 if matches!(self.phase, Phase::Replying { .. }) {
                     return; // speech the barge-in rule ignored
                 }
@@ -501,9 +510,20 @@ impl TurnManager {
         }
     }
 
-    fn end_turn(&mut self) {
+    fn end_turn(&mut self, now: f64) {
         if self.user_speaking || self.turn_text.is_empty() {
             return;
+        }
+        // Words the caller said after these are still being transcribed (a starved decoder):
+        // they are part of this turn, and a Final that comes while the agent replies is dropped.
+        // Their Final sets the end of turn again; this retry is for one that never comes.
+        if self.finals_owed > 0 {
+            let give_up_at = self.speech_end.unwrap_or(now) + OWED_FINAL_WAIT_S;
+            if now < give_up_at {
+                self.end_turn_at = Some(give_up_at);
+                return;
+            }
+            self.finals_owed = 0;
         }
         let user_text = std::mem::take(&mut self.turn_text).join(" ");
         self.pause_at = None;
@@ -620,6 +640,56 @@ mod tests {
         tick(&mut t, 2.0);
         assert_eq!(drain(&mut t), vec![TurnAction::CommitReply { reply: 1 }]);
         assert_eq!(t.stats().speculative_hits, 1);
+    }
+
+    #[test]
+    fn the_turn_waits_for_the_final_of_words_said_after_a_pause() {
+        // A starved decoder: "one, two," ends, "three, four" is said and ends too, and only then
+        // does the first Final come. The turn is both, not the first half answered alone.
+        let mut t = TurnManager::new(TurnConfig::default());
+        t.on_asr(0.5, &AsrEvent::SpeechStarted { at: 0.4 });
+        t.on_asr(1.4, &AsrEvent::SpeechEnded { at: 1.2 });
+        t.on_asr(1.5, &AsrEvent::SpeechStarted { at: 1.4 });
+        t.on_asr(2.5, &AsrEvent::SpeechEnded { at: 2.3 });
+        t.on_asr(2.6, &final_("1, 2,", 1.2));
+        tick(&mut t, 2.9);
+        assert!(
+            !drain(&mut t)
+                .iter()
+                .any(|a| matches!(a, TurnAction::StartReply { .. })),
+            "the second half is still being transcribed"
+        );
+        t.on_asr(3.0, &final_("3, 4.", 2.3));
+        tick(&mut t, 3.0);
+        assert_eq!(
+            drain(&mut t),
+            vec![TurnAction::StartReply {
+                reply: 1,
+                user_text: "1, 2, 3, 4.".into(),
+                speculative: false
+            }]
+        );
+    }
+
+    #[test]
+    fn a_final_that_never_comes_holds_the_turn_only_for_a_while() {
+        let mut t = TurnManager::new(TurnConfig::default());
+        t.on_asr(0.5, &AsrEvent::SpeechStarted { at: 0.4 });
+        t.on_asr(1.4, &AsrEvent::SpeechEnded { at: 1.2 });
+        t.on_asr(1.5, &AsrEvent::SpeechStarted { at: 1.4 });
+        t.on_asr(2.5, &AsrEvent::SpeechEnded { at: 2.3 });
+        t.on_asr(2.6, &final_("Is my glucose normal?", 1.2));
+        tick(&mut t, 2.3 + OWED_FINAL_WAIT_S - 0.01);
+        assert!(drain(&mut t).is_empty());
+        tick(&mut t, 2.3 + OWED_FINAL_WAIT_S);
+        assert_eq!(
+            drain(&mut t),
+            vec![TurnAction::StartReply {
+                reply: 1,
+                user_text: "Is my glucose normal?".into(),
+                speculative: false
+            }]
+        );
     }
 
     #[test]
