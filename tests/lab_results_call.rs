@@ -183,15 +183,23 @@ fn converse_with_the_lab_results_agent_verifies_a_spoken_pin_and_reads_a_result(
         &[],
     );
     assert!(run.status.success(), "{}", talkline_tests::stderr(&run));
-    let said: Vec<String> = std::fs::read_to_string(&events)
+    let turns: Vec<serde_json::Value> = std::fs::read_to_string(&events)
         .unwrap()
         .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let said: Vec<String> = turns
+        .iter()
         .map(|e| e["agent_text"].as_str().unwrap_or("").to_owned())
+        .collect();
+    // What was heard and when, so that a failure says whether ASR or the turn-taking missed.
+    let heard: Vec<String> = turns
+        .iter()
+        .map(|e| format!("{} @ {} ms", e["user_text"], e["speech_end_ms"]))
         .collect();
     assert!(
         said.iter().any(|s| s.contains("verified")),
-        "never verified: {said:#?}"
+        "never verified: {said:#?}\nheard: {heard:#?}"
     );
     assert!(
         said.iter()

@@ -163,7 +163,8 @@ pub struct LabResultsConfig {
     pub patients: PathBuf,
     /// The audit log (JSON lines, appended): disclosures, lockouts, transfers, guard events.
     pub audit_log: PathBuf,
-    /// A keyed PIN is submitted after this many digits (or at `#`).
+    /// A keyed PIN is submitted after this many digits (or at `#`). A spoken PIN of fewer digits
+    /// is taken as its start: the caller is asked to go on, and a turn without digits ends it.
     pub pin_digits: usize,
     /// Failed identity checks before the call is locked out.
     pub max_failures: u32,

@@ -15,6 +15,7 @@ const DOB_AGAIN: &str =
 const ASK_PIN: &str = "Thank you. Now please say your PIN one digit at a time, or key it in followed by the pound key.";
 const PIN_AGAIN: &str =
     "I didn't catch your PIN. Please say its digits one at a time, or key them in.";
+const PIN_GO_ON: &str = "Please go on with the rest of your PIN.";
 const MISMATCH: &str = "I'm sorry, that doesn't match our records. Let's try again. Please tell me your date of birth.";
 pub const LOCKED_OUT: &str = "I'm sorry, I couldn't verify your identity, so I can't share any results on this call. Please contact your clinic directly. Goodbye.";
 
@@ -43,6 +44,9 @@ pub struct Gate {
     pin_digits: usize,
     /// DTMF digits keyed so far.
     keyed: String,
+    /// Digits of a PIN said over several turns: callers pause between digits, and a pause long
+    /// enough to end the turn must not cost them an attempt.
+    spoken: String,
 }
 
 // By hand: the date of birth and the keyed digits must never reach a log through `{:?}`.
@@ -68,6 +72,7 @@ impl Gate {
             max_failures: max_failures.max(1),
             pin_digits: pin_digits.max(1),
             keyed: String::new(),
+            spoken: String::new(),
         }
     }
 
@@ -95,7 +100,19 @@ impl Gate {
                 None => GateStep::Ask(DOB_AGAIN),
             },
             State::AwaitingPin { dob } => match said_digits(text) {
-                Some(pin) => self.attempt(dob, &pin, verify),
+                Some(digits) => {
+                    self.spoken.push_str(&digits);
+                    if self.spoken.len() < self.pin_digits {
+                        return GateStep::Ask(PIN_GO_ON);
+                    }
+                    let pin = std::mem::take(&mut self.spoken);
+                    self.attempt(dob, &pin, verify)
+                }
+                // "That's it": a PIN shorter than `pin_digits` is complete.
+                None if !self.spoken.is_empty() => {
+                    let pin = std::mem::take(&mut self.spoken);
+                    self.attempt(dob, &pin, verify)
+                }
                 None => GateStep::Ask(PIN_AGAIN),
             },
             State::Verified(ref id) => GateStep::Verified(id.clone()),
@@ -142,6 +159,7 @@ impl Gate {
     }
 
     fn attempt(&mut self, dob: Date, pin: &str, verify: Verify) -> GateStep {
+        self.spoken.clear();
         if let Some(id) = verify(dob, pin) {
             self.state = State::Verified(id.clone());
             return GateStep::Verified(id);
@@ -185,6 +203,29 @@ mod tests {
             GateStep::Verified("p1".into())
         );
         assert_eq!(gate.verified_patient(), Some("p1"));
+    }
+
+    #[test]
+    fn a_pin_said_over_several_turns_is_one_attempt() {
+        let mut gate = Gate::new(4, 3);
+        gate.on_speech("March 4 1961", &verify);
+        assert_eq!(gate.on_speech("1, 2,", &verify), GateStep::Ask(PIN_GO_ON));
+        assert_eq!(
+            gate.on_speech("3, 4.", &verify),
+            GateStep::Verified("p1".into())
+        );
+        // A shorter PIN ends when the caller says so; a wrong one counts once.
+        let mut gate = Gate::new(4, 3);
+        gate.on_speech("March 4 1961", &verify);
+        assert_eq!(
+            gate.on_speech("one two three", &verify),
+            GateStep::Ask(PIN_GO_ON)
+        );
+        assert_eq!(
+            gate.on_speech("That's it.", &verify),
+            GateStep::Ask(MISMATCH)
+        );
+        assert_eq!(gate.failures(), 1);
     }
 
     #[test]
