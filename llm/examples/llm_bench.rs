@@ -47,6 +47,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let (mut prompt_tps, mut decode_tps, mut follow_ttft) = (vec![], vec![], vec![]);
     let mut prefilled_ttft = vec![];
+    // Tokens the follow-up turn had to run (the rest came from the cache).
+    let mut follow_new_tokens = 0;
     let (mut plain_tps, mut lookup_tps, mut accept) = (vec![], vec![], vec![]);
     for _ in 0..reps {
         // Prompt processing and plain decoding (stop tokens ignored: fixed length).
@@ -84,6 +86,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         s2.sync(s.cached_tokens(), &cancel)?;
         let r = talkline_llm::ChatSession::reply(&mut s, &second, &one, &cancel, &mut |_| {})?;
         follow_ttft.push(r.stats.time_to_first_token.as_secs_f64() * 1000.0);
+        follow_new_tokens = r.stats.prompt_tokens - r.stats.reused_tokens;
         // The voice path: the turn manager prefilled the transcript while the user spoke, so
         // at end of turn only the end-of-turn marker and the assistant header remain.
         talkline_llm::ChatSession::prefill(&mut s2, &second)?;
@@ -125,6 +128,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "prompt_tps": summary(&mut prompt_tps),
         "decode_tps": summary(&mut decode_tps),
         "follow_up_ttft_ms": summary(&mut follow_ttft),
+        "follow_up_new_tokens": follow_new_tokens,
         "prefilled_ttft_ms": summary(&mut prefilled_ttft),
         "copy_plain_tps": summary(&mut plain_tps),
         "copy_lookup_tps": summary(&mut lookup_tps),
@@ -141,7 +145,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "tok/s",
         &mut decode_tps,
     );
-    report("follow-up time to first token", "ms", &mut follow_ttft);
+    report(
+        &format!("follow-up time to first token ({follow_new_tokens} new tokens)"),
+        "ms",
+        &mut follow_ttft,
+    );
     report("  ... transcript prefilled", "ms", &mut prefilled_ttft);
     report("copy reply, plain decode", "tok/s", &mut plain_tps);
     report("copy reply, prompt lookup", "tok/s", &mut lookup_tps);
