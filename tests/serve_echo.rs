@@ -33,15 +33,28 @@ struct Call {
 /// about; a canceller under a starved output clock is not.
 static ONE_CALL_AT_A_TIME: Mutex<()> = Mutex::new(());
 
-/// Speaks `question`, then keeps sending whatever agent audio came back, looped, until the first
-/// reply has played out (its turn event) and [`AFTER_TURN`] more.
-fn call_with_loopback(config: &std::path::Path, question: &str) -> Call {
+/// Silence between one question and the next: the reply to the first (at most 24 tokens) has
+/// played out by then, even in a debug build.
+const BETWEEN_QUESTIONS_S: f32 = 10.0;
+
+/// Speaks the questions, [`BETWEEN_QUESTIONS_S`] apart, and keeps sending whatever agent audio
+/// came back, looped, until a reply per question has played out (their turn events) and
+/// [`AFTER_TURN`] more.
+fn call_with_loopback(config: &std::path::Path, questions: &[&str]) -> Call {
     let _one_call = ONE_CALL_AT_A_TIME
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
     let server = start_server(&["--max-tokens", "24", "--config", config.to_str().unwrap()]);
     let mut speech = vec![0.0f32; 8_000];
-    speech.extend(espeak_16k(question));
+    for (i, question) in questions.iter().enumerate() {
+        if i > 0 {
+            speech.resize(
+                speech.len() + (BETWEEN_QUESTIONS_S * 16_000.0) as usize,
+                0.0,
+            );
+        }
+        speech.extend(espeak_16k(question));
+    }
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", server.addr))
@@ -101,7 +114,7 @@ fn call_with_loopback(config: &std::path::Path, question: &str) -> Call {
         let (mut finals, mut turns) = (Vec::new(), Vec::new());
         let mut deadline = Instant::now() + CALL_LIMIT;
         while Instant::now() < deadline {
-            let Ok(Some(Ok(msg))) = tokio::time::timeout(Duration::from_secs(5), rx.next()).await
+            let Ok(Some(Ok(msg))) = tokio::time::timeout(Duration::from_secs(15), rx.next()).await
             else {
                 break;
             };
@@ -111,10 +124,10 @@ fn call_with_loopback(config: &std::path::Path, question: &str) -> Call {
                     match v["type"].as_str() {
                         Some("final") => finals.push(v["text"].as_str().unwrap_or("").to_owned()),
                         Some("turn") => {
-                            if turns.is_empty() {
+                            turns.push(v);
+                            if turns.len() == questions.len() {
                                 deadline = deadline.min(Instant::now() + AFTER_TURN);
                             }
-                            turns.push(v);
                         }
                         _ => {}
                     }
@@ -153,7 +166,7 @@ fn config(dir: &std::path::Path, echo_cancellation: bool) -> std::path::PathBuf 
 fn the_agents_voice_looped_back_is_neither_a_user_turn_nor_a_barge_in() {
     let dir = tempfile::tempdir().unwrap();
     let question = "What is a normal blood pressure?";
-    let call = call_with_loopback(&config(dir.path(), true), question);
+    let call = call_with_loopback(&config(dir.path(), true), &[question]);
     eprintln!("finals {:?}; turns {:?}", call.finals, call.turns);
     assert!(call.echoed_energy > 1.0, "nothing was looped back");
     assert_eq!(
@@ -178,7 +191,7 @@ fn without_echo_cancellation_the_same_loop_is_heard_as_the_user() {
     let dir = tempfile::tempdir().unwrap();
     let call = call_with_loopback(
         &config(dir.path(), false),
-        "What is a normal blood pressure?",
+        &["What is a normal blood pressure?"],
     );
     eprintln!("finals {:?}; turns {:?}", call.finals, call.turns);
     let interrupted = call.turns.iter().any(|t| t["interrupted"] == true);
@@ -188,4 +201,31 @@ fn without_echo_cancellation_the_same_loop_is_heard_as_the_user() {
         call.finals,
         call.turns
     );
+}
+
+/// The canceller's filter, found during the first reply, must still fit the second: a shift of
+/// the agent's audio against the caller's between replies (the session's output clock moving
+/// its phase) throws it away, and the second reply's start leaks back as the caller.
+#[test]
+fn the_second_reply_in_a_looped_back_call_is_cancelled_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let questions = [
+        "What is a normal blood pressure?",
+        "How much water should I drink?",
+    ];
+    let call = call_with_loopback(&config(dir.path(), true), &questions);
+    eprintln!("finals {:?}; turns {:?}", call.finals, call.turns);
+    assert_eq!(
+        call.finals.len(),
+        2,
+        "the echo became user speech: {:?}",
+        call.finals
+    );
+    for (question, heard) in questions.iter().zip(&call.finals) {
+        assert!(wer(question, heard) <= 0.25, "{:?}", call.finals);
+    }
+    assert_eq!(call.turns.len(), 2, "{:?}", call.turns);
+    for turn in &call.turns {
+        assert_eq!(turn["interrupted"], false, "the echo barged in: {turn}");
+    }
 }

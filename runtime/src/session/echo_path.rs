@@ -123,11 +123,21 @@ fn cancel_echo(
     // keeps the media time it had at the transport.
     let mut to_skip = crate::echo::LATENCY_SAMPLES;
     let mut dropped = 0u64;
+    // AEC3's estimates go to the debug log once a second of caller audio: a jump in its delay
+    // is the alignment slipping.
+    const METRICS_EVERY_SAMPLES: usize = 16_000;
+    let mut heard_samples = 0usize;
     while let Ok(input) = inbox.recv() {
         match input {
             EchoInput::Played(samples) => canceller.push_render(&samples),
             EchoInput::Resumed => canceller.capture_resumed_after_gap(),
             EchoInput::Heard(samples) => {
+                heard_samples += samples.len();
+                if heard_samples >= METRICS_EVERY_SAMPLES {
+                    heard_samples = 0;
+                    let m = canceller.metrics();
+                    tracing::debug!(erle_db = m.erle_db, delay_ms = m.delay_ms, "echo canceller");
+                }
                 let mut out = canceller.process_capture(&samples);
                 let skip = to_skip.min(out.len());
                 out.drain(..skip);

@@ -616,11 +616,12 @@ async fn run_session(
                 }
             }
         }
-        // A reply's first audio goes out now, and its frames are paced from here: on the tick's
-        // old phase it would wait up to a frame (10 ms on average) for nothing.
-        if !queue.is_empty() && playing.as_ref().is_some_and(|p| p.played == 0) {
-            tick.reset_immediately();
-        }
+        // A reply's first audio waits for the tick (10 ms on average) rather than moving its
+        // phase: the tick also feeds the echo canceller its reference, one frame per tick, and a
+        // tick taken early puts one frame more into it than the caller has played. That shifts
+        // the agent's audio against its echo by a frame at every reply, and the filter the
+        // canceller found during one reply no longer fits the next (measured: the second reply
+        // of a looped-back call leaked back as the caller and barged itself in).
         if hang_up {
             send(
                 &output,
