@@ -304,10 +304,20 @@ impl TurnManager {
     }
 
     pub fn handle_timeout(&mut self, now: f64) {
+        self.handle_timeout_heard(now, now);
+    }
+
+    /// Fires the due timers, where `heard` (at most `now`) is the media time the VAD has run to.
+    /// Ending the turn and interrupting the agent wait until the silence or the speech they
+    /// count on has been heard: audio that has arrived but not been run may hold the words that
+    /// change the decision. A speculation does not wait: its audio is held, and words heard
+    /// later cancel it.
+    pub fn handle_timeout_heard(&mut self, now: f64, heard: f64) {
         if self.speculate_at.is_some_and(|t| t <= now) {
             self.speculate_at = None;
             self.try_speculate();
         }
+        let now = heard;
         if self.end_turn_at.is_some_and(|t| t <= now) {
             self.end_turn_at = None;
             self.end_turn(now);
@@ -389,7 +399,9 @@ impl TurnManager {
                     Completeness::Unsure => self.config.unsure_end_delay_s,
                     Completeness::CutOff => self.config.max_end_delay_s,
                 };
-                let end_turn_at = (end + delay).max(now);
+                // Possibly past already: it fires once the VAD has heard that far (see
+                // `handle_timeout_heard`), not once audio has merely arrived.
+                let end_turn_at = end + delay;
                 self.end_turn_at = Some(end_turn_at);
                 // The estimate can only bring the end forward, to `min_end_delay_s` after the
                 // speech; when that is no sooner (the Final itself came late enough), it would be
@@ -409,7 +421,7 @@ impl TurnManager {
         }
         if probability >= self.config.end_of_utterance_threshold {
             let end = self.speech_end.unwrap_or(now) + self.config.min_end_delay_s;
-            self.end_turn_at = Some(self.end_turn_at.map_or(end, |t| t.min(end)).max(now));
+            self.end_turn_at = Some(self.end_turn_at.map_or(end, |t| t.min(end)));
         }
     }
 
@@ -669,6 +681,32 @@ mod tests {
                 speculative: false
             }]
         );
+    }
+
+    #[test]
+    fn the_turn_ends_only_on_silence_the_vad_has_heard_but_speculation_runs_ahead() {
+        let mut t = TurnManager::new(TurnConfig::default());
+        t.on_asr(0.5, &AsrEvent::SpeechStarted { at: 0.4 });
+        t.on_asr(1.23, &AsrEvent::Paused { at: 1.2 });
+        t.on_asr(1.3, &partial("Is my glucose normal?", 1.23));
+        // The listener lags 300 ms behind the audio received.
+        t.handle_timeout_heard(1.36, 1.06);
+        assert!(matches!(
+            drain(&mut t)[..],
+            [TurnAction::StartReply {
+                speculative: true,
+                ..
+            }]
+        ));
+        t.on_asr(1.5, &AsrEvent::SpeechEnded { at: 1.2 });
+        t.on_asr(1.5, &final_("Is my glucose normal?", 1.2));
+        t.handle_timeout_heard(1.5, 1.15);
+        assert!(
+            drain(&mut t).is_empty(),
+            "the end of speech is not heard yet"
+        );
+        t.handle_timeout_heard(1.55, 1.21);
+        assert_eq!(drain(&mut t), vec![TurnAction::CommitReply { reply: 1 }]);
     }
 
     #[test]

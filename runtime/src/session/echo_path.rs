@@ -64,6 +64,12 @@ impl EchoPath {
         })
     }
 
+    /// Whether a canceller runs: its reference is the output clock's frames, so that clock must
+    /// keep its phase.
+    pub(super) fn cancels(&self) -> bool {
+        self.input.is_some()
+    }
+
     /// Caller audio: returned at once when there is no canceller, else cleaned on the thread.
     /// `after_gap`: the stream had stopped for a while before this audio.
     pub(super) fn heard(&mut self, audio: Vec<f32>, after_gap: bool) -> Option<Vec<f32>> {

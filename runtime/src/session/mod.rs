@@ -482,18 +482,16 @@ async fn run_session(
         // Due turn timers fire after every event, not only on the tick: a Final whose end-of-turn
         // wait has already passed would otherwise make the reply wait up to a frame.
         //
-        // They run on the audio the VAD has heard, not on what has arrived: on a starved machine
-        // the listener lags, and a silence timer judged on arrivals would end the turn while the
-        // words that break the silence wait unheard ("one, two," answered before "three, four").
+        // Ending the turn and barge-in run on the audio the VAD has heard, not on what has
+        // arrived: on a starved machine the listener lags, and a silence timer judged on arrivals
+        // would end the turn while the words that break the silence wait unheard ("one, two,"
+        // answered before "three, four"). A speculation runs on arrivals: its audio is held.
         // `heard_until` moves only after the events it covers are in `asr_rx`, so it is read
         // first and the timers wait while any event is still queued.
         let heard = asr.heard_until();
         let now = media_now(media_samples, last_audio);
         if asr_rx.is_empty() {
-            let turn_now = now.min(heard);
-            while let Some(deadline) = turns.poll_timeout().filter(|t| *t <= turn_now) {
-                turns.handle_timeout(deadline);
-            }
+            turns.handle_timeout_heard(now, now.min(heard));
             // Due by arrivals, not yet heard (the frame that just came is being run): look again
             // in a moment rather than at the next tick.
             if turns.poll_timeout().is_some_and(|t| t <= now) {
@@ -616,12 +614,16 @@ async fn run_session(
                 }
             }
         }
-        // A reply's first audio waits for the tick (10 ms on average) rather than moving its
-        // phase: the tick also feeds the echo canceller its reference, one frame per tick, and a
-        // tick taken early puts one frame more into it than the caller has played. That shifts
-        // the agent's audio against its echo by a frame at every reply, and the filter the
-        // canceller found during one reply no longer fits the next (measured: the second reply
-        // of a looped-back call leaked back as the caller and barged itself in).
+        // A reply's first audio goes out now, and its frames are paced from here: on the tick's
+        // old phase it would wait up to a frame (10 ms on average) for nothing. Not with the echo
+        // canceller: the tick feeds it its reference, one frame per tick, and a tick taken early
+        // puts one frame more into it than the caller has played. That shifts the agent's audio
+        // against its echo by a frame at every reply, and the filter found during one reply no
+        // longer fits the next (measured: the second reply of a looped-back call leaked back as
+        // the caller and barged itself in).
+        if !echo.cancels() && !queue.is_empty() && playing.as_ref().is_some_and(|p| p.played == 0) {
+            tick.reset_immediately();
+        }
         if hang_up {
             send(
                 &output,
