@@ -69,6 +69,15 @@ pub const RENDER_HEADROOM: usize = SAMPLE_RATE * 10 / 1000;
 /// 60 ms. Past that the agent is taken to have stopped, and its next audio anchors anew.
 pub const MAX_RENDER_DEBT: usize = SAMPLE_RATE * 60 / 1000;
 
+/// A later echo, by up to this many 4 ms blocks (24 ms), keeps AEC3's alignment; its filter
+/// (52 ms) still spans the echo and adapts to it. By default AEC3 realigns on a one-block change
+/// and throws its filter away. A client that plays the agent's audio as it arrives falls a frame
+/// behind whenever a frame comes late, and catches up only when the reply ends: measured in
+/// `tests/serve_echo.rs`, the delay moved 48 -> 68 ms within a reply, and the reset filter had not
+/// reconverged when the next reply began, which leaked back as the caller. AEC3 takes a shorter
+/// delay at once, whatever this is.
+const HYSTERESIS_BLOCKS: usize = 6;
+
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum EchoError {
@@ -115,6 +124,7 @@ pub struct EchoCanceller {
 impl EchoCanceller {
     pub fn new() -> Result<Self, EchoError> {
         let mut config = EchoCanceller3Config::default();
+        config.delay.hysteresis_limit_blocks = HYSTERESIS_BLOCKS;
         if !config.validate() {
             return Err(EchoError::InvalidConfig {
                 field: "EchoCanceller3Config::default",

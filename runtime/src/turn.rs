@@ -41,6 +41,11 @@ pub struct TurnConfig {
     pub end_of_utterance_threshold: f32,
     /// Speech over the agent shorter than this (a backchannel, a cough) does not interrupt it.
     pub barge_in_min_speech_s: f64,
+    /// The same while the echo canceller has not yet found the echo path (the first seconds of
+    /// a call, or after the path moved): until then the agent's own voice can leak through it
+    /// as speech, so interrupting the agent takes longer speech. Applies only with
+    /// `[audio] echo_cancellation`.
+    pub barge_in_min_speech_echo_unknown_s: f64,
     /// The VAD's speech threshold: `[vad] threshold`, not set here.
     #[serde(skip)]
     pub vad_threshold: f32,
@@ -58,6 +63,7 @@ impl Default for TurnConfig {
             max_end_delay_s: 0.5,
             end_of_utterance_threshold: 0.5,
             barge_in_min_speech_s: 0.3,
+            barge_in_min_speech_echo_unknown_s: 0.8,
             vad_threshold: 0.5,
             echo_guard_threshold: 0.8,
         }
@@ -196,9 +202,30 @@ pub struct TurnManager {
     speech_end: Option<f64>,
     end_turn_at: Option<f64>,
     /// Speech that started while the agent replied, not yet long enough to interrupt.
-    barge_in_at: Option<f64>,
+    barge_in: Option<BargeInSpeech>,
     /// Utterances that have ended and whose Final has not come yet (the ASR sends them in order).
     finals_owed: u32,
+    /// An echo canceller runs and has not found the echo path (see
+    /// [`TurnConfig::barge_in_min_speech_echo_unknown_s`]).
+    echo_unknown: bool,
+}
+
+/// Speech over the agent, counted toward `barge_in_min_speech_s`. Only speech counts: a pause
+/// within it (the VAD's `Paused`, before the utterance has ended) holds the count, so that a blip
+/// of the agent's own echo followed by silence is not taken for a caller who kept talking.
+#[derive(Debug, Clone, Copy)]
+struct BargeInSpeech {
+    /// Speech before the current stretch.
+    earlier_s: f64,
+    /// When the current stretch of speech began; `None` while paused.
+    since: Option<f64>,
+}
+
+impl BargeInSpeech {
+    /// When the speech will have lasted `min_s`, if it goes on.
+    fn due(&self, min_s: f64) -> Option<f64> {
+        self.since.map(|since| since + (min_s - self.earlier_s))
+    }
 }
 
 /// How long after the last end of speech the turn waits for an owed Final before it ends without
@@ -272,8 +299,9 @@ impl TurnManager {
             speculation: None,
             speech_end: None,
             end_turn_at: None,
-            barge_in_at: None,
+            barge_in: None,
             finals_owed: 0,
+            echo_unknown: false,
         }
     }
 
@@ -297,10 +325,29 @@ impl TurnManager {
     }
 
     pub fn poll_timeout(&self) -> Option<f64> {
-        [self.speculate_at, self.end_turn_at, self.barge_in_at]
+        let barge_in_at = self
+            .barge_in
+            .and_then(|b| b.due(self.barge_in_min_speech_s()));
+        [self.speculate_at, self.end_turn_at, barge_in_at]
             .into_iter()
             .flatten()
             .reduce(f64::min)
+    }
+
+    /// Whether the echo canceller has found the echo path; only a session with a canceller
+    /// calls this.
+    pub fn set_echo_path_found(&mut self, found: bool) {
+        self.echo_unknown = !found;
+    }
+
+    fn barge_in_min_speech_s(&self) -> f64 {
+        match self.echo_unknown {
+            true => self
+                .config
+                .barge_in_min_speech_s
+                .max(self.config.barge_in_min_speech_echo_unknown_s),
+            false => self.config.barge_in_min_speech_s,
+        }
     }
 
     pub fn handle_timeout(&mut self, now: f64) {
@@ -322,8 +369,13 @@ impl TurnManager {
             self.end_turn_at = None;
             self.end_turn(now);
         }
-        if self.barge_in_at.is_some_and(|t| t <= now) {
-            self.barge_in_at = None;
+        let min_s = self.barge_in_min_speech_s();
+        if self
+            .barge_in
+            .and_then(|b| b.due(min_s))
+            .is_some_and(|t| t <= now)
+        {
+            self.barge_in = None;
             self.barge_in();
         }
     }
@@ -337,7 +389,10 @@ impl TurnManager {
                 self.latest_partial = None;
                 match self.phase {
                     Phase::Replying { .. } => {
-                        self.barge_in_at = Some(at + self.config.barge_in_min_speech_s);
+                        self.barge_in = Some(BargeInSpeech {
+                            earlier_s: 0.0,
+                            since: Some(*at),
+                        });
                     }
                     Phase::Listening => self.cancel_speculation(CancelReason::UserResumed),
                 }
@@ -359,8 +414,16 @@ impl TurnManager {
             AsrEvent::Paused { at } => {
                 self.pause_at = Some(*at);
                 self.speculate_at = Some(at + self.config.speculate_after_pause_s);
+                if let Some(b) = &mut self.barge_in {
+                    if let Some(since) = b.since.take() {
+                        b.earlier_s += (at - since).max(0.0);
+                    }
+                }
             }
-            AsrEvent::Resumed { .. } => {
+            AsrEvent::Resumed { at } => {
+                if let Some(b) = &mut self.barge_in {
+                    b.since.get_or_insert(*at);
+                }
                 self.pause_at = None;
                 self.speculate_at = None;
                 self.cancel_speculation(CancelReason::UserResumed);
@@ -374,7 +437,7 @@ impl TurnManager {
                 self.pause_at = None;
                 self.speculate_at = None;
                 self.latest_partial = None;
-                if self.barge_in_at.take().is_some() {
+                if self.barge_in.take().is_some() {
                     // Shorter than the barge-in threshold: a backchannel or a cough.
                     self.stats.ignored_short_speech += 1;
                 }
@@ -1018,6 +1081,62 @@ mod tests {
         assert_eq!(
             drain(&mut t),
             vec![TurnAction::SetVadThreshold { threshold: 0.5 }]
+        );
+    }
+
+    /// serve_echo: 160 ms of the agent's own echo leaked, then silence; the VAD reports the end of
+    /// the utterance only 200 ms into the pause, and the barge-in timer, counting the pause as
+    /// speech, interrupted the agent before that.
+    #[test]
+    fn only_speech_counts_toward_a_barge_in_not_the_pause_after_it() {
+        let mut t = TurnManager::new(TurnConfig::default());
+        replying(&mut t);
+        t.on_asr(2.1, &AsrEvent::SpeechStarted { at: 2.0 });
+        t.on_asr(2.2, &AsrEvent::Paused { at: 2.16 });
+        tick(&mut t, 2.36);
+        assert!(drain(&mut t).is_empty(), "160 ms of speech, then a pause");
+        t.on_asr(2.38, &AsrEvent::SpeechEnded { at: 2.16 });
+        tick(&mut t, 3.0);
+        assert!(drain(&mut t).is_empty());
+        assert_eq!(t.stats().ignored_short_speech, 1);
+
+        // Speech on both sides of a short pause adds up: 160 ms, then 140 ms more.
+        let mut t = TurnManager::new(TurnConfig::default());
+        let reply = replying(&mut t);
+        t.on_asr(2.1, &AsrEvent::SpeechStarted { at: 2.0 });
+        t.on_asr(2.2, &AsrEvent::Paused { at: 2.16 });
+        t.on_asr(2.3, &AsrEvent::Resumed { at: 2.26 });
+        let due = t.poll_timeout().expect("the barge-in timer runs again");
+        assert!((due - 2.4).abs() < 1e-9, "{due}");
+        tick(&mut t, 2.39);
+        assert!(drain(&mut t).is_empty());
+        tick(&mut t, 2.41);
+        assert_eq!(
+            drain(&mut t).first(),
+            Some(&TurnAction::StopOutput),
+            "{reply}: 300 ms of speech in all"
+        );
+    }
+
+    /// serve_echo: 450 ms of the agent's voice leaked back 1.2 s into a call's first reply,
+    /// before the canceller had found the echo path.
+    #[test]
+    fn before_the_echo_path_is_found_a_barge_in_takes_longer_speech() {
+        let mut t = TurnManager::new(TurnConfig::default());
+        t.set_echo_path_found(false);
+        let reply = replying(&mut t);
+        t.on_asr(2.1, &AsrEvent::SpeechStarted { at: 2.0 });
+        tick(&mut t, 2.45);
+        assert!(
+            drain(&mut t).is_empty(),
+            "echo may still leak: 0.8 s needed"
+        );
+        t.set_echo_path_found(true);
+        tick(&mut t, 2.46);
+        assert_eq!(
+            drain(&mut t).first(),
+            Some(&TurnAction::StopOutput),
+            "{reply}: once the path is found, 0.3 s of speech is enough"
         );
     }
 

@@ -1,5 +1,8 @@
 //! The caller's audio on its way to the ASR, through the echo canceller on a thread of its own.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
 use tokio::sync::mpsc;
 
 use super::FRAME_S;
@@ -12,6 +15,11 @@ pub(super) const CLEANED_QUEUE: usize = 100;
 /// Policy when full: the chunk is dropped and counted (the thread runs at about 3% of a core,
 /// so a full queue means it died).
 const ECHO_QUEUE: usize = 200;
+/// AEC3's echo reduction (ERLE) from which its echo path counts as found: at a call's start it
+/// stays near 0 dB until its filter has converged, and falls back there whenever the path moves
+/// and the filter is reset. Measured in `tests/serve_echo.rs`: 5-9 dB some 3 s into the first
+/// reply, 30-40 dB afterwards.
+const ECHO_PATH_FOUND_ERLE_DB: f64 = 6.0;
 
 enum EchoInput {
     /// 16 kHz agent audio as it was handed to the transport (zeros while silent).
@@ -31,6 +39,7 @@ pub(super) struct EchoPath {
     thread: Option<std::thread::JoinHandle<()>>,
     to16k: Option<To16k>,
     dropped: u64,
+    path_found: Arc<AtomicBool>,
 }
 
 impl EchoPath {
@@ -46,13 +55,16 @@ impl EchoPath {
                 thread: None,
                 to16k: None,
                 dropped: 0,
+                path_found: Arc::new(AtomicBool::new(true)),
             });
         }
         let (input, inbox) = std::sync::mpsc::sync_channel(ECHO_QUEUE);
         let (ready_tx, ready) = std::sync::mpsc::sync_channel(1);
+        let path_found = Arc::new(AtomicBool::new(false));
+        let found = Arc::clone(&path_found);
         let thread = std::thread::Builder::new()
             .name("echo".into())
-            .spawn(move || cancel_echo(inbox, cleaned, ready_tx))?;
+            .spawn(move || cancel_echo(inbox, cleaned, ready_tx, &found))?;
         ready
             .recv()
             .map_err(|_| anyhow::anyhow!("the echo thread ended before starting"))??;
@@ -61,7 +73,14 @@ impl EchoPath {
             thread: Some(thread),
             to16k: Some(To16k::new(out_rate)?),
             dropped: 0,
+            path_found,
         })
+    }
+
+    /// Whether the canceller has found the echo path (always, without a canceller): until then
+    /// the agent's own voice may leak through it.
+    pub(super) fn path_found(&self) -> bool {
+        self.path_found.load(Ordering::Relaxed)
     }
 
     /// Whether a canceller runs: its reference is the output clock's frames, so that clock must
@@ -116,6 +135,7 @@ fn cancel_echo(
     inbox: std::sync::mpsc::Receiver<EchoInput>,
     cleaned: mpsc::Sender<Vec<f32>>,
     ready: std::sync::mpsc::SyncSender<anyhow::Result<()>>,
+    path_found: &AtomicBool,
 ) {
     let mut canceller = match crate::echo::EchoCanceller::new() {
         Ok(c) => c,
@@ -145,6 +165,8 @@ fn cancel_echo(
                     tracing::debug!(erle_db = m.erle_db, delay_ms = m.delay_ms, "echo canceller");
                 }
                 let mut out = canceller.process_capture(&samples);
+                let found = canceller.metrics().erle_db >= ECHO_PATH_FOUND_ERLE_DB;
+                path_found.store(found, Ordering::Relaxed);
                 let skip = to_skip.min(out.len());
                 out.drain(..skip);
                 to_skip -= skip;

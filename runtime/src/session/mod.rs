@@ -447,7 +447,11 @@ async fn run_session(
                     replies.insert(reply, r);
                 }
             }
-            _ = tick.tick() => {
+            scheduled = tick.tick() => {
+                let late_ms = scheduled.elapsed().as_secs_f64() * 1000.0;
+                if late_ms > 5.0 && !queue.is_empty() {
+                    tracing::debug!(late_ms, "an output tick of agent audio came late");
+                }
                 if last_audio.elapsed() > shared.idle_timeout && playing.is_none() {
                     send(&output, SessionOutput::Event(json!({"type": "bye", "reason": "idle"})), &mut dropped_frames);
                     break Ok(());
@@ -491,6 +495,7 @@ async fn run_session(
         let heard = asr.heard_until();
         let now = media_now(media_samples, last_audio);
         if asr_rx.is_empty() {
+            turns.set_echo_path_found(echo.path_found());
             turns.handle_timeout_heard(now, now.min(heard));
             // Due by arrivals, not yet heard (the frame that just came is being run): look again
             // in a moment rather than at the next tick.
