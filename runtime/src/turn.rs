@@ -14,7 +14,9 @@
 //!   `min_end_delay_s` and `max_end_delay_s` past the end of speech: short when the text ends
 //!   like a finished sentence or the LLM's end-of-utterance probability is high, long otherwise.
 //! - **Barge-in.** User speech lasting `barge_in_min_speech_s` while the agent replies stops the
-//!   output at once and cancels the reply; shorter sounds (backchannels, coughs) do not.
+//!   output at once and cancels the reply; shorter sounds (backchannels, coughs) do not. Pauses
+//!   within the speech do not count, and while an echo canceller has not yet found the echo path
+//!   the minimum is `barge_in_min_speech_echo_unknown_s`.
 //! - **Echo guard.** While agent audio plays, the VAD threshold is raised to
 //!   `echo_guard_threshold`, so the agent's own voice looped back is not taken for the user.
 
