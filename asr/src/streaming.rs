@@ -12,7 +12,9 @@
 //!   the text already trimmed from the window. Words are committed once two consecutive
 //!   hypotheses agree on them (LocalAgreement-2); a committed word never changes.
 //! - When a pause begins, a decode is requested at once; if the pause becomes the end of speech,
-//!   that decode is the final one, so the `Final` costs no extra decode after the endpoint.
+//!   that decode is the final one, so the `Final` costs no extra decode after the endpoint. A
+//!   partial already running on audio that reaches the pause is that decode; one on older audio
+//!   is abandoned.
 //! - The window is cut at committed sentence ends once it is long, and never exceeds
 //!   `max_window_s`.
 
@@ -117,6 +119,9 @@ enum Purpose {
     /// Requested at the endpoint: its result becomes the `Final`.
     Final,
 }
+
+/// Media times are sums of sample counts over the rate; equal instants may differ by rounding.
+const HALF_SAMPLE_S: f64 = 0.5 / SAMPLE_RATE as f64;
 
 /// Windows shorter than this produce partials but commit nothing.
 const MIN_COMMIT_WINDOW_S: f64 = 1.0;
@@ -446,6 +451,17 @@ impl StreamingRecognizer {
             VadEvent::PauseStarted { at } => {
                 // Decode now: if the pause turns out to be the endpoint, this is the final decode.
                 if let Some(u) = &mut self.utterance {
+                    // A partial requested after the speech stopped already is the pause decode,
+                    // part done: its window ends in the silence too.
+                    let reaching = self
+                        .in_flight
+                        .as_mut()
+                        .filter(|f| f.utterance == u.id && f.audio_end >= at - HALF_SAMPLE_S);
+                    if let Some(f) = reaching {
+                        f.at_pause = true;
+                        self.push_event(AsrEvent::Paused { at });
+                        return;
+                    }
                     u.last_decode_requested = f64::NAN;
                     u.due_at_pause = true;
                     // A decode of audio from before the pause is superseded by the pause decode,
@@ -468,12 +484,12 @@ impl StreamingRecognizer {
                     return;
                 };
                 u.ended_at = Some(pause_at);
-                let latest_covers_pause =
-                    u.latest.as_ref().is_some_and(|(end, _)| *end >= pause_at);
+                let covers = |end: f64| end >= pause_at - HALF_SAMPLE_S;
+                let latest_covers_pause = u.latest.as_ref().is_some_and(|(end, _)| covers(*end));
                 let in_flight_covers_pause = self
                     .in_flight
                     .as_ref()
-                    .is_some_and(|f| f.utterance == u.id && f.audio_end >= pause_at);
+                    .is_some_and(|f| f.utterance == u.id && covers(f.audio_end));
                 if latest_covers_pause {
                     u.final_ready = true;
                 } else if in_flight_covers_pause {
@@ -871,6 +887,42 @@ mod tests {
             events
                 .iter()
                 .any(|e| matches!(e, AsrEvent::Final { text, from_pause_decode: true, .. } if text == "hello")),
+            "{events:?}"
+        );
+        assert!(r.poll_decode().is_none(), "no decode after the endpoint");
+    }
+
+    #[test]
+    fn a_partial_requested_once_speech_stopped_serves_as_the_pause_decode() {
+        let mut r = StreamingRecognizer::new(StreamingConfig::default(), Box::new(LoudnessVad));
+        let mut t = 0.0;
+        let mut push = |r: &mut StreamingRecognizer, loud: bool, seconds: f64| {
+            let frame = [if loud { 1.0 } else { 0.0 }; 320];
+            for _ in 0..(seconds / 0.02).round() as usize {
+                r.push_audio(t, &frame).unwrap();
+                t += 0.02;
+            }
+        };
+        push(&mut r, true, 1.0);
+        // Requested with the last loud window, before the VAD has seen the silence after it.
+        let partial = r.poll_decode().expect("a partial decode is due in speech");
+        push(&mut r, false, 0.06);
+        assert_eq!(r.poll_abandoned_decode(), None, "it reaches the pause");
+        assert!(r.poll_decode().is_none(), "no second decode of the same audio");
+        let hello = Hypothesis {
+            words: vec![Word {
+                text: "hello".into(),
+                start: 0.3,
+                end: 0.9,
+            }],
+            no_speech_probability: 0.0,
+        };
+        r.on_decode_result(partial.id, Ok(hello), 100.0);
+        push(&mut r, false, 0.3);
+        let events: Vec<AsrEvent> = std::iter::from_fn(|| r.poll_event()).collect();
+        assert!(
+            events.iter().any(|e| matches!(e,
+                AsrEvent::Final { text, from_pause_decode: true, .. } if text == "hello")),
             "{events:?}"
         );
         assert!(r.poll_decode().is_none(), "no decode after the endpoint");

@@ -234,6 +234,10 @@ impl BargeInSpeech {
 /// it (a Final lost on the way must not leave the caller unanswered).
 const OWED_FINAL_WAIT_S: f64 = 3.0;
 
+/// Media times this close are one instant: they are sums of sample counts over a rate, and a
+/// decode whose audio ends where the pause starts must count as reaching it.
+const SAME_INSTANT_S: f64 = 1e-6;
+
 fn normalize(text: &str) -> String {
     text.split_whitespace()
         .map(|w| {
@@ -554,7 +558,7 @@ impl TurnManager {
         let Some((text, _)) = self
             .latest_partial
             .clone()
-            .filter(|(text, end)| *end >= pause_at && !text.is_empty())
+            .filter(|(text, end)| *end >= pause_at - SAME_INSTANT_S && !text.is_empty())
         else {
             return;
         };
@@ -717,6 +721,24 @@ mod tests {
         tick(&mut t, 2.0);
         assert_eq!(drain(&mut t), vec![TurnAction::CommitReply { reply: 1 }]);
         assert_eq!(t.stats().speculative_hits, 1);
+    }
+
+    #[test]
+    fn a_partial_whose_audio_ends_where_the_pause_starts_is_speculated_on() {
+        // The recognizer's decode requested with the last window of speech: its audio end and
+        // the pause's start are one instant, summed differently.
+        let mut t = TurnManager::new(TurnConfig::default());
+        t.on_asr(0.5, &AsrEvent::SpeechStarted { at: 0.4 });
+        t.on_asr(1.03, &AsrEvent::Paused { at: 1.000_000_000_000_000_4 });
+        t.on_asr(1.1, &partial("Is my hemoglobin normal?", 1.0));
+        tick(&mut t, 1.16);
+        assert!(matches!(
+            drain(&mut t)[..],
+            [TurnAction::StartReply {
+                speculative: true,
+                ..
+            }]
+        ));
     }
 
     #[test]
