@@ -908,7 +908,10 @@ mod tests {
         let partial = r.poll_decode().expect("a partial decode is due in speech");
         push(&mut r, false, 0.06);
         assert_eq!(r.poll_abandoned_decode(), None, "it reaches the pause");
-        assert!(r.poll_decode().is_none(), "no second decode of the same audio");
+        assert!(
+            r.poll_decode().is_none(),
+            "no second decode of the same audio"
+        );
         let hello = Hypothesis {
             words: vec![Word {
                 text: "hello".into(),

@@ -729,7 +729,12 @@ mod tests {
         // the pause's start are one instant, summed differently.
         let mut t = TurnManager::new(TurnConfig::default());
         t.on_asr(0.5, &AsrEvent::SpeechStarted { at: 0.4 });
-        t.on_asr(1.03, &AsrEvent::Paused { at: 1.000_000_000_000_000_4 });
+        t.on_asr(
+            1.03,
+            &AsrEvent::Paused {
+                at: 1.000_000_000_000_000_4,
+            },
+        );
         t.on_asr(1.1, &partial("Is my hemoglobin normal?", 1.0));
         tick(&mut t, 1.16);
         assert!(matches!(
