@@ -458,6 +458,7 @@ impl StreamingRecognizer {
                         .as_mut()
                         .filter(|f| f.utterance == u.id && f.audio_end >= at - HALF_SAMPLE_S);
                     if let Some(f) = reaching {
+                        tracing::debug!(id = f.id, "the partial running reaches the pause");
                         f.at_pause = true;
                         self.push_event(AsrEvent::Paused { at });
                         return;
