@@ -175,6 +175,9 @@ struct Playing {
     first_out_at: f64,
     /// Samples into the reply where the fallback line starts, until it is announced.
     fallback_at: Option<u64>,
+    /// Output ticks on which the reply had begun and more of it was coming, but none was queued:
+    /// a gap the caller hears inside the reply (the voice fell behind the playback).
+    starved_ticks: u64,
 }
 
 impl Playing {
@@ -186,6 +189,7 @@ impl Playing {
             queued: 0,
             first_out_at: now,
             fallback_at: None,
+            starved_ticks: 0,
         }
     }
 
@@ -472,6 +476,11 @@ async fn run_session(
                     send(&output, SessionOutput::Audio(out), &mut dropped_frames);
                 } else {
                     echo.played_silence();
+                    if let Some(p) = playing.as_mut().filter(|p| p.played > 0) {
+                        if replies.get(&p.reply).is_some_and(|r| r.committed && !r.done) {
+                            p.starved_ticks += 1;
+                        }
+                    }
                 }
                 // A reply that has played out returns the floor.
                 let finished = playing.as_ref().is_some_and(|p| {
@@ -791,8 +800,16 @@ fn finish_reply(
         "voice_to_voice_ms": (p.first_out_at - end) * 1000.0,
         "speculative": format!("{speculation:?}"),
         "interrupted": interrupted,
+        "starved_ms": p.starved_ticks as f64 * FRAME_S * 1000.0,
         "session_uptime_ms": started.elapsed().as_secs_f64() * 1000.0,
     })));
+    if p.starved_ticks > 0 {
+        tracing::debug!(
+            reply = p.reply,
+            starved_ms = p.starved_ticks as f64 * FRAME_S * 1000.0,
+            "the voice fell behind the playback inside the reply"
+        );
+    }
     r.afterwards == Afterwards::HangUp
 }
 
@@ -821,6 +838,7 @@ mod tests {
             queued: 430,
             first_out_at: 0.0,
             fallback_at: None,
+            starved_ticks: 0,
         }
     }
 
