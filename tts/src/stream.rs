@@ -36,13 +36,20 @@ pub const AUDIO_QUEUE_CAP: usize = 4;
 /// How long the idle worker waits for text before it looks at the cancel flag again.
 const IDLE_POLL: Duration = Duration::from_millis(10);
 
-/// The first sentence of a stream is decoded in windows of latent frames (one frame is
+/// The first sentence of a stream's first chunks ([`WINDOWED_CHUNKS`]) is decoded in windows of
+/// latent frames (one frame is
 /// `hop_length` samples, 11.6 ms with the default voice): a short first window, so the voice is
 /// heard after the encoder and about 0.3 s of decoding, then each window [`WINDOW_GROWTH`] times
 /// the last. The decoder runs some 20 times faster than real time here, so every window is
 /// ready long before the audio ahead of it has played. Later sentences are decoded whole: each window costs
 /// [`crate::voice::DECODER_CONTEXT_FRAMES`] of extra decoding on each side.
 pub const FIRST_WINDOW_FRAMES: usize = 24;
+
+/// The last chunk (by index) whose first sentence is decoded in windows. The first chunk is cut
+/// short for the first audio, so the second is wanted soon after the LLM has finished its
+/// sentence; with it decoded whole, replies went silent for 220-1020 ms after the first chunk
+/// (`talkline bench`, `starved_ms` in the turn events).
+const WINDOWED_CHUNKS: usize = 1;
 
 /// Each window of the first sentence is this many times the one before: few windows (each costs
 /// context frames), yet each decoded in a fraction of the playing time of the one before.
@@ -406,7 +413,7 @@ fn synthesize_chunk(
         // [`WINDOW_GROWTH`] times the last; a window that was all lead-in silence (and sent
         // nothing) does not count, so the first sound still comes in a short window.
         let mut window = match config.first_window_frames {
-            Some(first) if chunk.index == 0 && k == 0 => first.max(1),
+            Some(first) if chunk.index <= WINDOWED_CHUNKS && k == 0 => first.max(1),
             _ => frames,
         };
         let mut start = 0;
