@@ -86,6 +86,11 @@ impl ClauseChunker {
         out
     }
 
+    /// Chunks cut so far.
+    pub fn chunks_emitted(&self) -> usize {
+        self.emitted
+    }
+
     /// The text left at the end of the stream.
     pub fn finish(&mut self) -> Option<TextChunk> {
         let all = self.buf.len();

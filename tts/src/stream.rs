@@ -181,6 +181,11 @@ impl TextInput {
         Ok(())
     }
 
+    /// Chunks handed to the voice so far.
+    pub fn chunks_sent(&self) -> usize {
+        self.chunker.chunks_emitted()
+    }
+
     /// Sends the rest of the text; the audio side ends after the last chunk.
     pub fn finish(mut self) -> Result<()> {
         if self.cancelled.load(Ordering::SeqCst) {

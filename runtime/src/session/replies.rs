@@ -14,6 +14,15 @@ use talkline_tts::stream::{self, AudioChunk, StreamConfig};
 use talkline_tts::{PiperVoice, TtsError};
 use tokio::sync::mpsc;
 
+/// The longest the LLM waits, once the voice has its first chunk, for that chunk's first audio.
+/// On a machine with few cores the LLM writing ahead takes the cores from the voice's first
+/// window, which is what the caller waits for, while the words it writes are not wanted until
+/// the first chunk (a second or so of speech) has played. The cap keeps a stalled voice from
+/// stalling the reply's text.
+const FIRST_AUDIO_PRIORITY_WAIT: Duration = Duration::from_millis(400);
+/// How often the waiting LLM looks at its reply's cancel token.
+const FIRST_AUDIO_POLL: Duration = Duration::from_millis(5);
+
 use super::{enqueue, lock, Afterwards, AgentAudio, Playing, ReplyState, Shared};
 use crate::agent::{Agent, AgentAction, LlmRequest, ReplyVerdict};
 use crate::turn::ReplyId;
@@ -375,7 +384,14 @@ fn spawn_speech(
                 let (mut text_in, mut audio_out) = stream::start(shared.voice.clone(), config)?;
                 text_in.push(&text)?;
                 text_in.finish()?;
-                Ok(forward_audio(&mut audio_out, reply, thread, &cancel, &tx))
+                Ok(forward_audio(
+                    &mut audio_out,
+                    reply,
+                    thread,
+                    &cancel,
+                    &tx,
+                    None,
+                ))
             })();
             let msg = match result {
                 Ok(0) if !cancel.is_cancelled() => ReplyMsg::Failed {
@@ -501,11 +517,19 @@ fn spawn_reply(
                 let audio_tx = tx.clone();
                 let audio_cancel = cancel.clone();
                 let tts_span = tracing::info_span!("tts");
+                let (voiced_tx, voiced_rx) = std::sync::mpsc::sync_channel::<()>(1);
                 let collector = std::thread::Builder::new()
                     .name(format!("reply-{reply}-audio"))
                     .spawn(move || {
                         let _tts = tts_span.enter();
-                        forward_audio(&mut audio_out, reply, thread, &audio_cancel, &audio_tx)
+                        forward_audio(
+                            &mut audio_out,
+                            reply,
+                            thread,
+                            &audio_cancel,
+                            &audio_tx,
+                            Some(voiced_tx),
+                        )
                     })
                     .map_err(|e| Failure::thread("reply audio", &e))?;
                 let params = GenerateParams {
@@ -523,6 +547,7 @@ fn spawn_reply(
                     replaced: false,
                 };
                 let mut first = true;
+                let mut voice_started = false;
                 let llm_span = tracing::info_span!("llm").entered();
                 let waiting = Instant::now();
                 let mut chat = chat.lock().map_err(|_| Failure {
@@ -556,6 +581,10 @@ fn spawn_reply(
                         }
                         if text.replaced {
                             llm_cancel.cancel();
+                        }
+                        if !voice_started && text_in.chunks_sent() > 0 {
+                            voice_started = true;
+                            wait_for_first_audio(&voiced_rx, &cancel);
                         }
                     });
                 drop(chat);
@@ -619,16 +648,57 @@ fn spawn_reply(
     }
 }
 
+/// Why the LLM stopped waiting for the voice's first audio.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FirstAudioWait {
+    Voiced,
+    Cancelled,
+    /// The voice ended (or failed) without audio.
+    VoiceGone,
+    /// [`FIRST_AUDIO_PRIORITY_WAIT`] passed.
+    GaveUp,
+}
+
+/// Holds the LLM's thread until the voice's first audio exists ([`FIRST_AUDIO_PRIORITY_WAIT`]
+/// at most), the reply is cancelled or the voice has ended.
+fn wait_for_first_audio(
+    voiced: &std::sync::mpsc::Receiver<()>,
+    cancel: &CancelToken,
+) -> FirstAudioWait {
+    use std::sync::mpsc::RecvTimeoutError;
+    let waiting = Instant::now();
+    let outcome = loop {
+        if cancel.is_cancelled() {
+            break FirstAudioWait::Cancelled;
+        }
+        if waiting.elapsed() >= FIRST_AUDIO_PRIORITY_WAIT {
+            break FirstAudioWait::GaveUp;
+        }
+        match voiced.recv_timeout(FIRST_AUDIO_POLL) {
+            Ok(()) => break FirstAudioWait::Voiced,
+            Err(RecvTimeoutError::Disconnected) => break FirstAudioWait::VoiceGone,
+            Err(RecvTimeoutError::Timeout) => {}
+        }
+    };
+    tracing::debug!(
+        wait_ms = waiting.elapsed().as_secs_f64() * 1000.0,
+        ?outcome,
+        "the LLM waited for the voice's first audio"
+    );
+    outcome
+}
+
 /// Hands each synthesized chunk to the control loop until the voice is done, the reply is
 /// cancelled (dropping `audio_out` then stops synthesis) or the session is gone. Returns the
 /// samples handed over. A chunk without samples (text the voice cannot say) is not handed over:
-/// its words were never heard.
+/// its words were never heard. `voiced`, if any, hears of the first chunk with samples.
 fn forward_audio(
     audio_out: &mut stream::AudioOutput,
     reply: ReplyId,
     thread: u64,
     cancel: &CancelToken,
     tx: &mpsc::Sender<ReplyMsg>,
+    voiced: Option<std::sync::mpsc::SyncSender<()>>,
 ) -> u64 {
     let mut samples = 0u64;
     while let Some(chunk) = audio_out.recv() {
@@ -641,6 +711,10 @@ fn forward_audio(
             Ok(chunk) if chunk.samples.is_empty() && chunk.text.is_empty() => {}
             Ok(chunk) => {
                 let n = chunk.samples.len() as u64;
+                if let Some(voiced) = voiced.as_ref().filter(|_| n > 0) {
+                    // Full after the first: only the first matters.
+                    let _ = voiced.try_send(());
+                }
                 let msg = ReplyMsg::Audio {
                     reply,
                     thread,
@@ -660,6 +734,37 @@ fn forward_audio(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_llm_waits_for_the_first_audio_until_it_exists_the_reply_is_cancelled_or_the_voice_ends()
+    {
+        let cancel = CancelToken::new();
+        let (voiced_tx, voiced_rx) = std::sync::mpsc::sync_channel(1);
+        voiced_tx.send(()).expect("the receiver is alive");
+        assert_eq!(
+            wait_for_first_audio(&voiced_rx, &cancel),
+            FirstAudioWait::Voiced
+        );
+
+        let cancelled = CancelToken::new();
+        cancelled.cancel();
+        assert_eq!(
+            wait_for_first_audio(&voiced_rx, &cancelled),
+            FirstAudioWait::Cancelled
+        );
+
+        let (_, nothing) = std::sync::mpsc::sync_channel::<()>(1);
+        assert_eq!(
+            wait_for_first_audio(&nothing, &cancel),
+            FirstAudioWait::VoiceGone
+        );
+
+        // A voice that stays silent: the LLM goes on after the cap.
+        assert_eq!(
+            wait_for_first_audio(&voiced_rx, &cancel),
+            FirstAudioWait::GaveUp
+        );
+    }
 
     fn chunk(text: &str, samples: usize) -> AudioChunk {
         AudioChunk {
