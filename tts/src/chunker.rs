@@ -25,10 +25,13 @@ impl Default for ChunkerConfig {
             // Measured with `talkline bench` on the clinic scenario (2 cores): 4 words instead of
             // 6 brought the first audio about 130 ms sooner (p50), two words of SmolLM2 decoding
             // and a shorter first Piper run; 3 instead of 4, another 40-100 ms (p50 of 20-30
-            // turns, two rounds). 2 instead of 3 gave another 20-40 ms from the first token to
-            // the first audio (p50 120 against 140-160 ms, two sessions of 30 turns a side), but
-            // the looped-back echo test then heard a blip of the agent as the caller in 2 runs of
-            // 4 (0 of 4 with 3 words), for a reason not yet traced.
+            // turns, two rounds). 2 instead of 3: first token to first audio p50 120 against
+            // 140 ms, and a lower voice-to-voice p50 in each of 4 rounds of 15 turns
+            // (2026-11-29); but the looped-back echo test (`tests/serve_echo.rs`, debug build)
+            // then let the agent's voice through as the caller, as words and turns, in 2 runs of
+            // 2. Likely cause, not yet proven: the second chunk is the rest of the sentence, so
+            // after two words the voice waits for the LLM to finish it, and the canceller lets
+            // the onset after that gap through.
             first_max_words: 3,
             max_chars: 300,
         }
