@@ -7,6 +7,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use talkline_tests::sip::free_udp_port;
 use talkline_tests::{espeak_16k, mulaw, start_server, unmulaw};
 
 fn rtp(payload_type: u8, sequence: u16, timestamp: u32, payload: &[u8]) -> Vec<u8> {
@@ -16,12 +17,6 @@ fn rtp(payload_type: u8, sequence: u16, timestamp: u32, payload: &[u8]) -> Vec<u
     p.extend_from_slice(&0x7a1c_0001u32.to_be_bytes());
     p.extend_from_slice(payload);
     p
-}
-
-/// A UDP port that was free a moment ago, for `--sip-listen`.
-fn free_udp_port() -> u16 {
-    let socket = UdpSocket::bind("127.0.0.1:0").expect("a free port");
-    socket.local_addr().expect("bound").port()
 }
 
 /// Sends `request` to the SIP server and returns the first line of its answer, if any.

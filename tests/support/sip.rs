@@ -9,10 +9,18 @@ use std::time::{Duration, Instant};
 
 use crate::{espeak_16k, mulaw};
 
-/// A UDP port that was free a moment ago.
+/// A port that was free a moment ago for UDP and for TCP alike: a SIP listener binds both, and a
+/// port the kernel handed out for UDP may be in use by a TCP connection (CI once saw `binding SIP
+/// on tcp ...: Address already in use`).
 pub fn free_udp_port() -> u16 {
-    let socket = UdpSocket::bind("127.0.0.1:0").expect("a free port");
-    socket.local_addr().expect("bound").port()
+    for _ in 0..100 {
+        let udp = UdpSocket::bind("127.0.0.1:0").expect("a free UDP port");
+        let port = udp.local_addr().expect("bound").port();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no port free for both UDP and TCP in 100 tries");
 }
 
 /// Waits until `sip` (host:port) answers OPTIONS 200: the SIP listener starts beside HTTP, and

@@ -4,11 +4,7 @@
 use std::net::UdpSocket;
 use std::time::{Duration, Instant};
 
-/// A UDP port that was free a moment ago.
-pub fn free_udp_port() -> u16 {
-    let socket = UdpSocket::bind("127.0.0.1:0").expect("a free port");
-    socket.local_addr().expect("bound").port()
-}
+pub use crate::sip::free_udp_port;
 
 pub const OFFER: &str = "v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n\
     m=audio 40000 RTP/AVP 0 101\r\na=rtpmap:101 telephone-event/8000\r\n";
