@@ -60,10 +60,11 @@ impl Default for TurnConfig {
     fn default() -> Self {
         TurnConfig {
             // The VAD's pause begins some 50 ms after the true end of speech (Silero hears the
-            // last sounds fade), so this is about 150 ms of real silence. 0.10 instead of 0.15:
-            // voice-to-voice p50 421 against 465 ms (`talkline bench --reps 3`, two rounds of
-            // 15 turns a side, 2026-11-29), where a fast pause decode had waited on the timer;
-            // a pause that turns out to be inside the turn costs only a cancelled speculation.
+            // last sounds fade), so this is about 150 ms of real silence. 0.10 instead of 0.15
+            // lets the LLM start as soon as a fast pause decode is done (it had waited on the
+            // timer in 4 of 9 hits): its first token came 25 ms sooner (p50, `talkline bench
+            // --reps 3`, 45 turns a side, 2026-11-29), while voice-to-voice p50 stayed within
+            // the machine's noise. A pause inside the turn costs only a cancelled speculation.
             speculate_after_pause_s: 0.10,
             min_end_delay_s: 0.0,
             unsure_end_delay_s: 0.2,
