@@ -14,6 +14,10 @@ use talkline_tts::stream::{self, AudioChunk, StreamConfig};
 use talkline_tts::{PiperVoice, TtsError};
 use tokio::sync::mpsc;
 
+use super::{enqueue, lock, Afterwards, AgentAudio, Playing, ReplyState, Shared};
+use crate::agent::{Agent, AgentAction, LlmRequest, ReplyVerdict};
+use crate::turn::ReplyId;
+
 /// The longest the LLM waits, once the voice has its first chunk, for that chunk's first audio.
 /// On a machine with few cores the LLM writing ahead takes the cores from the voice's first
 /// window, which is what the caller waits for, while the words it writes are not wanted until
@@ -22,10 +26,6 @@ use tokio::sync::mpsc;
 const FIRST_AUDIO_PRIORITY_WAIT: Duration = Duration::from_millis(400);
 /// How often the waiting LLM looks at its reply's cancel token.
 const FIRST_AUDIO_POLL: Duration = Duration::from_millis(5);
-
-use super::{enqueue, lock, Afterwards, AgentAudio, Playing, ReplyState, Shared};
-use crate::agent::{Agent, AgentAction, LlmRequest, ReplyVerdict};
-use crate::turn::ReplyId;
 
 pub(super) enum ReplyMsg {
     EndOfUtterance {
