@@ -128,6 +128,9 @@ pub struct LocalSession {
     tokens: Vec<u32>,
     drafter: Option<Drafter>,
     probs: Vec<f32>,
+    /// Set while `scratch.last()` holds the logits after all of `tokens`: a `sync` to exactly
+    /// `tokens` (a reply whose prompt was prefilled to its last token) then runs nothing.
+    logits_current: bool,
 }
 
 impl Drop for LocalSession {
@@ -153,6 +156,7 @@ impl LocalSession {
             tokens: Vec::new(),
             drafter: None,
             probs: Vec::new(),
+            logits_current: false,
             model,
         }
     }
@@ -174,6 +178,9 @@ impl LocalSession {
 
     /// Rolls the cache back to its first `len` tokens.
     pub fn truncate(&mut self, len: usize) {
+        if len < self.tokens.len() {
+            self.logits_current = false;
+        }
         self.cache.truncate(len);
         self.tokens.truncate(len);
     }
@@ -190,15 +197,23 @@ impl LocalSession {
                 return Ok(false);
             }
             let len = self.cache.len();
-            if let Err(e) =
-                self.model
-                    .llama
-                    .forward(&mut self.cache, &mut self.scratch, chunk, false)
-            {
-                self.truncate(len);
-                return Err(e);
+            self.logits_current = false;
+            match self.model.llama.forward_cancellable(
+                &mut self.cache,
+                &mut self.scratch,
+                chunk,
+                false,
+                cancel,
+            ) {
+                Ok(true) => {}
+                Ok(false) => return Ok(false),
+                Err(e) => {
+                    self.truncate(len);
+                    return Err(e);
+                }
             }
             self.tokens.extend_from_slice(chunk);
+            self.logits_current = true;
         }
         Ok(true)
     }
@@ -219,6 +234,12 @@ impl LocalSession {
             .zip(target)
             .take_while(|(a, b)| a == b)
             .count();
+        if common == target.len() && common == self.tokens.len() && self.logits_current {
+            return Ok(Some(common));
+        }
+        if cancel.is_cancelled() {
+            return Ok(None); // before rolling back: a cancelled call loses nothing
+        }
         // At least one token must run to produce logits.
         let keep = common.min(target.len() - 1);
         self.truncate(keep);
@@ -302,6 +323,8 @@ impl LocalSession {
                     stop = StopReason::Cancelled;
                     break;
                 }
+                // The steps below overwrite the scratch with logits after tokens not yet cached.
+                self.logits_current = false;
                 let decided = match self.drafter.as_mut() {
                     Some(drafter) => drafter.step(
                         &self.model,

@@ -17,6 +17,7 @@ use candle_core::Device;
 use rayon::prelude::*;
 use std::sync::atomic::Ordering;
 
+use crate::chat::CancelToken;
 use crate::error::{LlmError, Result};
 use crate::q8::{self, Q8Act, Q8Matrix};
 
@@ -442,11 +443,26 @@ impl Llama {
         tokens: &[u32],
         all_logits: bool,
     ) -> Result<()> {
+        self.forward_cancellable(cache, s, tokens, all_logits, &CancelToken::new())
+            .map(|_| ())
+    }
+
+    /// [`Self::forward`] that checks `cancel` before each layer: `Ok(false)` when cancelled,
+    /// with the cache as it was before the call. A background prefill gives the cores back
+    /// within a layer (about 2 ms), not at the end of a pass of tens of milliseconds.
+    pub fn forward_cancellable(
+        &self,
+        cache: &mut KvCache,
+        s: &mut Scratch,
+        tokens: &[u32],
+        all_logits: bool,
+        cancel: &CancelToken,
+    ) -> Result<bool> {
         // One hop onto the pool per forward pass: the parallel loops inside then run on the
         // pool's own threads instead of waking them from outside for each of the ~250 matrix
         // products (measured: that cost a fifth of the decode time).
         let pool = self.current_pool();
-        pool.install(|| self.forward_on_pool(pool, cache, s, tokens, all_logits))
+        pool.install(|| self.forward_on_pool(pool, cache, s, tokens, all_logits, cancel))
     }
 
     fn forward_on_pool(
@@ -456,7 +472,8 @@ impl Llama {
         s: &mut Scratch,
         tokens: &[u32],
         all_logits: bool,
-    ) -> Result<()> {
+        cancel: &CancelToken,
+    ) -> Result<bool> {
         let c = &self.config;
         let n = tokens.len();
         if n == 0 {
@@ -484,6 +501,13 @@ impl Llama {
                 .dequantize_row(tok as usize, &mut s.x[t * dim..(t + 1) * dim]);
         }
         for (li, layer) in self.layers.iter().enumerate() {
+            if cancel.is_cancelled() {
+                // The layers before this one hold keys and values of the abandoned tokens.
+                for kv in cache.k.iter_mut().chain(cache.v.iter_mut()) {
+                    kv.truncate(pos0 * kv_dim);
+                }
+                return Ok(false);
+            }
             rms_norm(&s.x, &layer.attn_norm, c.rms_eps, &mut s.xn, dim);
             s.act.set(&s.xn, n, dim);
             q8::matmul(pool, &layer.wq, &s.act, &mut s.q, &mut s.tmp);
@@ -554,7 +578,7 @@ impl Llama {
                 .extend_from_slice(&s.logits_full[r * full..r * full + c.vocab]);
         }
         s.logits_rows = rows;
-        Ok(())
+        Ok(true)
     }
 
     fn rope(&self, x: &mut [f32], n: usize, pos0: usize, heads: usize) {

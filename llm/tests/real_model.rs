@@ -149,6 +149,87 @@ fn rollback_then_extend_equals_a_fresh_prefill() {
 }
 
 #[test]
+fn a_reply_to_a_prompt_synced_to_its_last_token_runs_no_prompt_token_and_answers_the_same() {
+    let model = support::smollm2();
+    let history = Message::system("You are a helpful assistant.");
+    let asked = [history.clone(), Message::user("Name a fruit.")];
+    let prompt = model.prompt_tokens(&asked).expect("renders");
+
+    let mut fresh = model.session();
+    let expected = fresh
+        .reply(&asked, &greedy(8), &CancelToken::new(), &mut |_| {})
+        .expect("fresh reply");
+
+    let mut session = model.session();
+    session
+        .sync(&prompt, &CancelToken::new())
+        .expect("syncs")
+        .expect("not cancelled");
+    let reply = session
+        .reply(&asked, &greedy(8), &CancelToken::new(), &mut |_| {})
+        .expect("reply");
+    assert_eq!(reply.stats.reused_tokens, prompt.len(), "the whole prompt was cached");
+    assert_eq!(reply.text, expected.text);
+
+    // After a reply the cached logits are those of its last step, not of the prompt: a second
+    // reply to the same messages runs the prompt's last token again and answers the same.
+    let again = session
+        .reply(&asked, &greedy(8), &CancelToken::new(), &mut |_| {})
+        .expect("second reply");
+    assert_eq!(again.text, expected.text);
+    assert_eq!(again.stats.reused_tokens, prompt.len() - 1);
+}
+
+#[test]
+fn a_prompt_cancelled_midway_leaves_a_cache_that_later_prompts_can_trust() {
+    let model = support::smollm2();
+    let long = [
+        Message::system("You are a helpful assistant for a clinic."),
+        Message::user(
+            "My doctor said my kidney function was a little low last month, and my potassium \
+             was high too. Should I be worried about that, and what should I eat?",
+        ),
+    ];
+    let prompt = model.prompt_tokens(&long).expect("renders");
+    let mut session = model.session();
+    let cancel = CancelToken::new();
+    // Fires somewhere inside the prefill (a few layers in, or between passes, or after it: every
+    // outcome must leave the cache consistent).
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            std::thread::sleep(std::time::Duration::from_millis(15));
+            cancel.cancel();
+        });
+        let synced = session.sync(&prompt, &cancel).expect("a cancelled sync is not an error");
+        assert_eq!(synced.is_none(), cancel.is_cancelled() && session.cached_tokens().len() < prompt.len());
+    });
+    let kept = session.cached_tokens().len();
+    assert_eq!(session.cached_tokens(), &prompt[..kept]);
+
+    let reused = session
+        .sync(&prompt, &CancelToken::new())
+        .expect("syncs")
+        .expect("not cancelled");
+    assert!(reused <= kept);
+    let mut fresh = model.session();
+    fresh
+        .sync(&prompt, &CancelToken::new())
+        .expect("syncs")
+        .expect("not cancelled");
+    let diff = max_abs_diff(session.logits(), fresh.logits());
+    assert!(diff < 1e-3, "max |logit difference| {diff}");
+
+    // Cancelled before it starts: nothing is computed and nothing is rolled back.
+    let cancelled = CancelToken::new();
+    cancelled.cancel();
+    let other = model
+        .prompt_tokens(&[Message::user("Something else entirely.")])
+        .expect("renders");
+    assert_eq!(session.sync(&other, &cancelled).expect("syncs"), None);
+    assert_eq!(session.cached_tokens(), &prompt[..]);
+}
+
+#[test]
 fn cancellation_stops_within_one_token() {
     let model = support::smollm2();
     for draft in [DraftSource::None, DraftSource::lookup()] {

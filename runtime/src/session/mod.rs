@@ -404,6 +404,9 @@ async fn run_session(
                     }
                     ReplyMsg::Audio { reply, thread, chunk } => {
                         if let Some(r) = replies.get_mut(&reply).filter(|r| r.current(thread)) {
+                            if r.first_audio_at.is_none() {
+                                tracing::debug!(reply, now, committed = r.committed, "the reply's first audio");
+                            }
                             r.first_audio_at.get_or_insert(now);
                             if r.committed {
                                 enqueue(&mut queue, &mut playing, reply, chunk, now);
