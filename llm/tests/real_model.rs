@@ -168,7 +168,11 @@ fn a_reply_to_a_prompt_synced_to_its_last_token_runs_no_prompt_token_and_answers
     let reply = session
         .reply(&asked, &greedy(8), &CancelToken::new(), &mut |_| {})
         .expect("reply");
-    assert_eq!(reply.stats.reused_tokens, prompt.len(), "the whole prompt was cached");
+    assert_eq!(
+        reply.stats.reused_tokens,
+        prompt.len(),
+        "the whole prompt was cached"
+    );
     assert_eq!(reply.text, expected.text);
 
     // After a reply the cached logits are those of its last step, not of the prompt: a second
@@ -200,8 +204,13 @@ fn a_prompt_cancelled_midway_leaves_a_cache_that_later_prompts_can_trust() {
             std::thread::sleep(std::time::Duration::from_millis(15));
             cancel.cancel();
         });
-        let synced = session.sync(&prompt, &cancel).expect("a cancelled sync is not an error");
-        assert_eq!(synced.is_none(), cancel.is_cancelled() && session.cached_tokens().len() < prompt.len());
+        let synced = session
+            .sync(&prompt, &cancel)
+            .expect("a cancelled sync is not an error");
+        assert_eq!(
+            synced.is_none(),
+            cancel.is_cancelled() && session.cached_tokens().len() < prompt.len()
+        );
     });
     let kept = session.cached_tokens().len();
     assert_eq!(session.cached_tokens(), &prompt[..kept]);
