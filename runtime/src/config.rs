@@ -381,6 +381,10 @@ pub struct TtsConfig {
     /// "are"): fewer words start the voice sooner (each word is a few LLM tokens and a slice of
     /// the voice's run), at some cost in the prosody of that first cut. 0 waits for the clause.
     pub first_chunk_max_words: Option<usize>,
+    /// The second chunk goes to the voice at its first clause end or after this many words
+    /// (default 6, with the same function-word rule), so that it is voiced before the first has
+    /// played. 0: the rest of the first sentence.
+    pub second_chunk_max_words: Option<usize>,
 }
 
 impl TtsConfig {
@@ -392,6 +396,9 @@ impl TtsConfig {
             .unwrap_or(default.first_max_words);
         talkline_tts::chunker::ChunkerConfig {
             first_max_words,
+            second_max_words: self
+                .second_chunk_max_words
+                .unwrap_or(default.second_max_words),
             // A cut below the minimum would never be taken.
             first_min_words: match first_max_words {
                 0 => default.first_min_words,

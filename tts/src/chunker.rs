@@ -13,6 +13,10 @@ pub struct ChunkerConfig {
     /// the LLM is still writing it (0: wait for the clause). Time to first audio matters more than
     /// the prosody of one early cut.
     pub first_max_words: usize,
+    /// The same for the second chunk: it is cut at its first clause end, or after this many
+    /// words (0: the rest of the sentence). It must be voiced before the first chunk has played,
+    /// and while it is the rest of a long sentence the voice waits for the LLM to write all of it.
+    pub second_max_words: usize,
     /// A chunk longer than this is cut at its last clause boundary, else at a space, so a run-on
     /// sentence (or 10 kB without punctuation) never becomes one huge model input.
     pub max_chars: usize,
@@ -33,10 +37,20 @@ impl Default for ChunkerConfig {
             // after two words the voice waits for the LLM to finish it, and the canceller lets
             // the onset after that gap through.
             first_max_words: 3,
+            second_max_words: SECOND_MAX_WORDS,
             max_chars: 300,
         }
     }
 }
+
+/// See [`ChunkerConfig::second_max_words`]. Six words are about 1.5 s of speech, written and
+/// voiced in well under the second or so the first chunk plays. Measured on the clinic scenario
+/// (`talkline bench --reps 3`, three alternating rounds, 45 turns a side, 2026-11-29): p50 388 /
+/// p95 516 ms against 409 / 546 with the rest of the sentence as the second chunk; per round p50
+/// 385/410/394 against 434/434/385, so within this machine's drift, and first token to first
+/// audio was 140 ms either way. It is the default because the voice no longer waits for the LLM
+/// to finish a long first sentence.
+pub const SECOND_MAX_WORDS: usize = 6;
 
 /// A piece of text to synthesize, with its place in the whole text.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,7 +133,16 @@ impl ClauseChunker {
 
     /// Where to cut `buf` now, if anywhere.
     fn next_cut(&self) -> Option<usize> {
-        let first = self.emitted == 0;
+        // The chunks the caller waits for: the first, and the second, which must be ready before
+        // the first has played.
+        let (early, max_words) = match self.emitted {
+            0 => (true, self.config.first_max_words),
+            1 => (
+                self.config.second_max_words > 0,
+                self.config.second_max_words,
+            ),
+            _ => (false, 0),
+        };
         let mut last_clause = None;
         for (end, kind) in boundaries(&self.buf) {
             if end > self.config.max_chars {
@@ -128,18 +151,18 @@ impl ClauseChunker {
             match kind {
                 Boundary::Sentence => return Some(end),
                 Boundary::Clause
-                    if first && words(&self.buf[..end]) >= self.config.first_min_words =>
+                    if early && words(&self.buf[..end]) >= self.config.first_min_words =>
                 {
                     return Some(end)
                 }
                 _ => last_clause = Some(end),
             }
         }
-        if first && self.config.first_max_words > 0 {
+        if early && max_words > 0 {
             // A cut after "are", "the" or "of" leaves the voice on a word no phrase ends with,
             // and its falling pitch there is heard ("Your results are | back"): up to two more
             // words wait for one that can end a phrase, or for the clause's own end above.
-            let max = self.config.first_max_words;
+            let max = max_words;
             for n in max..=max + 2 {
                 match nth_word_end(&self.buf, n) {
                     None => break,
@@ -277,6 +300,7 @@ mod tests {
     const FOUR_WORD_FIRST_CUT: ChunkerConfig = ChunkerConfig {
         first_min_words: 3,
         first_max_words: 4,
+        second_max_words: 0,
         max_chars: 300,
     };
 
@@ -302,6 +326,44 @@ mod tests {
         }
         out.push(&text[start..]);
         out
+    }
+
+    #[test]
+    fn the_second_chunk_ends_at_its_first_clause_or_after_its_words_then_sentences_follow() {
+        let text = "The blood test is used to check for a condition called high cholesterol, \
+                    which can lead to heart disease. It is simple.";
+        assert_eq!(
+            feed(&tokens(text), ChunkerConfig::default()),
+            [
+                "The blood test",
+                // Six words would end on "a": the cut waits for "condition".
+                "is used to check for a condition",
+                "called high cholesterol, which can lead to heart disease.",
+                "It is simple.",
+            ]
+        );
+        let clause = "Your results are back, and your hemoglobin is normal, the iron is fine too.";
+        assert_eq!(
+            feed(&tokens(clause), ChunkerConfig::default()),
+            [
+                "Your results are back,",
+                "and your hemoglobin is normal,",
+                "the iron is fine too."
+            ]
+        );
+        let rest_of_sentence = ChunkerConfig {
+            second_max_words: 0,
+            ..ChunkerConfig::default()
+        };
+        assert_eq!(
+            feed(&tokens(text), rest_of_sentence),
+            [
+                "The blood test",
+                "is used to check for a condition called high cholesterol, which can lead to heart \
+                 disease.",
+                "It is simple.",
+            ]
+        );
     }
 
     #[test]
@@ -352,6 +414,7 @@ mod tests {
         let text = "Dr. Lee says 4.5 g/dL is fine. J. Smith agrees with Dr. Lee e.g. here.";
         let whole_clauses = ChunkerConfig {
             first_max_words: 0,
+            second_max_words: 0,
             ..ChunkerConfig::default()
         };
         assert_eq!(
@@ -406,6 +469,7 @@ mod tests {
         let config = ChunkerConfig {
             first_min_words: 3,
             first_max_words: 0,
+            second_max_words: 0,
             max_chars: 250,
         };
         let chunks = feed(&[text.as_str()], config);
@@ -419,7 +483,8 @@ mod tests {
             feed(&tokens(text), ChunkerConfig::default()),
             [
                 "A high cholesterol",
-                "number refers to a person's overall health, and more.",
+                "number refers to a person's overall",
+                "health, and more.",
                 "Fine.",
             ]
         );
