@@ -44,12 +44,10 @@ impl Default for ChunkerConfig {
 }
 
 /// See [`ChunkerConfig::second_max_words`]. Six words are about 1.5 s of speech, written and
-/// voiced in well under the second or so the first chunk plays. Measured on the clinic scenario
-/// (`talkline bench --reps 3`, three alternating rounds, 45 turns a side, 2026-11-29): p50 388 /
-/// p95 516 ms against 409 / 546 with the rest of the sentence as the second chunk; per round p50
-/// 385/410/394 against 434/434/385, so within this machine's drift, and first token to first
-/// audio was 140 ms either way. It is the default because the voice no longer waits for the LLM
-/// to finish a long first sentence.
+/// voiced in well under the second or so the first chunk plays, however long the sentence. On the
+/// clinic scenario (short answers, `talkline bench --reps 3`, five alternating rounds, 75 turns a
+/// side, 2026-11-29) voice-to-voice was the same as with the rest of the sentence as the second
+/// chunk (p50 410 / p95 531 ms against 411 / 542), with no gap inside a reply either way.
 pub const SECOND_MAX_WORDS: usize = 6;
 
 /// A piece of text to synthesize, with its place in the whole text.
