@@ -33,9 +33,10 @@ impl Default for ChunkerConfig {
             // 140 ms, and a lower voice-to-voice p50 in each of 4 rounds of 15 turns
             // (2026-11-29); but the looped-back echo test (`tests/serve_echo.rs`, debug build)
             // then let the agent's voice through as the caller, as words and turns, in 2 runs of
-            // 2. Likely cause, not yet proven: the second chunk is the rest of the sentence, so
-            // after two words the voice waits for the LLM to finish it, and the canceller lets
-            // the onset after that gap through.
+            // 2, while the second chunk was the rest of the sentence. With the second chunk cut
+            // at six words (`second_max_words`), two words passed that test in 2 runs of 2, but
+            // gave no lower voice-to-voice than three (p50 387 and 410 against 385 and 410, same
+            // rounds), so three stays.
             first_max_words: 3,
             second_max_words: SECOND_MAX_WORDS,
             max_chars: 300,
