@@ -448,7 +448,7 @@ impl Llama {
     }
 
     /// [`Self::forward`] that checks `cancel` before each layer: `Ok(false)` when cancelled,
-    /// with the cache as it was before the call. A background prefill gives the cores back
+    /// with the cache as it was before the call. A cancelled reply's prompt gives the cores back
     /// within a layer (about 2 ms), not at the end of a pass of tens of milliseconds.
     pub fn forward_cancellable(
         &self,

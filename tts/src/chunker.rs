@@ -161,11 +161,10 @@ impl ClauseChunker {
             // A cut after "are", "the" or "of" leaves the voice on a word no phrase ends with,
             // and its falling pitch there is heard ("Your results are | back"): up to two more
             // words wait for one that can end a phrase, or for the clause's own end above.
-            let max = max_words;
-            for n in max..=max + 2 {
+            for n in max_words..=max_words + 2 {
                 match nth_word_end(&self.buf, n) {
                     None => break,
-                    Some(end) if n < max + 2 && leaves_a_phrase_open(&self.buf[..end]) => {}
+                    Some(end) if n < max_words + 2 && leaves_a_phrase_open(&self.buf[..end]) => {}
                     Some(end) => return Some(end),
                 }
             }
