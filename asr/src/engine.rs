@@ -3,9 +3,11 @@
 //!
 //! A stream's *listener* thread runs the VAD and the recognizer's policy on every frame; its
 //! *decoder* thread runs Whisper. They are split so that the VAD never waits for a decode: a
-//! pause is seen when it happens, not up to a decode later, and the decode it calls for starts at
-//! once (a decode of older audio still running is aborted). The turn manager's speculation and
-//! the end of turn hang on that moment.
+//! pause is seen when it happens, not up to a decode later, and the decode it calls for starts as
+//! soon as the decoder is free (a decode of older audio still running is aborted; whisper.cpp
+//! looks at the abort flag only after its encoder pass and between decoder steps, so that can
+//! take the rest of an encoder pass: 73 ms once in a measured session). The turn manager's
+//! speculation and the end of turn hang on that moment.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
