@@ -40,12 +40,6 @@ pub struct StreamingConfig {
     pub trim_after_s: f64,
     /// Hard bound of the decoded window.
     pub max_window_s: f64,
-    /// A window in speech whose VAD probability falls below this (and below the window that
-    /// started the decode in flight) starts the decode a pause would start, one window early: the
-    /// probability usually sinks over two or three windows before it crosses the release
-    /// threshold, and a decode whose audio reaches the pause's first window is that pause's
-    /// decode. If speech goes on, it is an ordinary partial. 0 turns it off.
-    pub early_decode_below: f32,
     pub vad: VadConfig,
 }
 
@@ -56,16 +50,10 @@ impl Default for StreamingConfig {
             pre_roll_s: 0.25,
             trim_after_s: 8.0,
             max_window_s: 15.0,
-            early_decode_below: EARLY_DECODE_BELOW,
             vad: VadConfig::default(),
         }
     }
 }
-
-/// See [`StreamingConfig::early_decode_below`]. Silero scores speech at 0.95-1.0 and the window
-/// before a pause at 0.4-0.9 in most of 48 utterance ends (12 espeak-ng questions, 4 window
-/// alignments each); the pause itself is the first window under the release threshold (0.35).
-pub const EARLY_DECODE_BELOW: f32 = 0.9;
 
 /// Transcript events. Times are media seconds.
 #[derive(Debug, Clone, PartialEq)]
@@ -145,9 +133,6 @@ struct InFlight {
     purpose: Purpose,
     /// Requested when a pause began: the window ends in silence, so its last word is whole.
     at_pause: bool,
-    /// Requested early, when the VAD's probability sank to this in speech (see
-    /// [`StreamingConfig::early_decode_below`]); it becomes the pause decode if a pause follows.
-    early: Option<f32>,
     /// Media times the decoded audio spans.
     audio_start: f64,
     audio_end: f64,
@@ -169,8 +154,6 @@ struct Utterance {
     last_decode_requested: f64,
     /// The due decode was requested by a pause.
     due_at_pause: bool,
-    /// The due decode was requested early, at this VAD probability.
-    due_early: Option<f32>,
     /// The newest finished decode: (audio end, words).
     latest: Option<(f64, Vec<Word>)>,
     /// Set at the endpoint: where speech stopped.
@@ -293,9 +276,8 @@ impl StreamingRecognizer {
             consumed += window;
             self.now = end;
             self.take_audio(&chunk);
-            match self.endpointer.on_window(start, end, probability) {
-                Some(event) => self.on_vad(event),
-                None => self.on_speech_probability(probability),
+            if let Some(event) = self.endpointer.on_window(start, end, probability) {
+                self.on_vad(event);
             }
             self.schedule_partial();
         }
@@ -337,13 +319,11 @@ impl StreamingRecognizer {
         self.next_decode += 1;
         let audio_end = utterance.buffer_end();
         let at_pause = std::mem::take(&mut utterance.due_at_pause);
-        let early = utterance.due_early.take();
         self.in_flight = Some(InFlight {
             id,
             utterance: utterance.id,
             purpose,
             at_pause,
-            early,
             audio_start: utterance.buffer_start,
             audio_end,
         });
@@ -352,35 +332,8 @@ impl StreamingRecognizer {
             id,
             audio: utterance.buffer.clone(),
             prompt: utterance.prompt(),
-            may_be_final: at_pause || early.is_some() || purpose == Purpose::Final,
+            may_be_final: at_pause || purpose == Purpose::Final,
         })
-    }
-
-    /// A window in speech that changed nothing in the endpointer: if its probability sank below
-    /// [`StreamingConfig::early_decode_below`], the pause decode starts now, in case the next
-    /// window is the pause. A decode of older audio gives way, as it would at the pause; an early
-    /// decode gives way only to a lower probability, so a stretch of weak speech restarts it at
-    /// most a few times.
-    fn on_speech_probability(&mut self, probability: f32) {
-        if probability >= self.config.early_decode_below || !self.endpointer.in_speech_unpaused() {
-            return;
-        }
-        let Some(u) = &self.utterance else {
-            return;
-        };
-        let running = self.in_flight.as_ref().filter(|f| f.utterance == u.id);
-        if running.is_some_and(|f| f.at_pause || f.early.is_some_and(|p| p <= probability))
-            || u.due_early.is_some_and(|p| p <= probability)
-        {
-            return;
-        }
-        if running.is_some() {
-            self.abandon_in_flight();
-        }
-        if let Some(u) = &mut self.utterance {
-            u.last_decode_requested = f64::NAN;
-            u.due_early = Some(probability);
-        }
     }
 
     /// A decode this recognizer no longer waits for: the driver may abort it (its result, if it
@@ -486,7 +439,6 @@ impl StreamingRecognizer {
                     previous: Vec::new(),
                     last_decode_requested: f64::NEG_INFINITY,
                     due_at_pause: false,
-                    due_early: None,
                     latest: None,
                     ended_at: None,
                     latest_decode_ms: 0.0,
@@ -506,25 +458,11 @@ impl StreamingRecognizer {
                         .as_mut()
                         .filter(|f| f.utterance == u.id && f.audio_end >= at - HALF_SAMPLE_S);
                     if let Some(f) = reaching {
-                        tracing::debug!(
-                            id = f.id,
-                            early = f.early.is_some(),
-                            "the decode running reaches the pause"
-                        );
+                        tracing::debug!(id = f.id, "the partial running reaches the pause");
                         f.at_pause = true;
                         self.push_event(AsrEvent::Paused { at });
                         return;
                     }
-                    // An early decode that already finished on audio up to here is that decode.
-                    if u.latest
-                        .as_ref()
-                        .is_some_and(|(end, _)| *end >= at - HALF_SAMPLE_S)
-                    {
-                        u.latest_at_pause = true;
-                        self.push_event(AsrEvent::Paused { at });
-                        return;
-                    }
-                    u.due_early = None;
                     u.last_decode_requested = f64::NAN;
                     u.due_at_pause = true;
                     // A decode of audio from before the pause is superseded by the pause decode,
@@ -805,7 +743,6 @@ mod tests {
             previous: Vec::new(),
             last_decode_requested: 0.0,
             due_at_pause: false,
-            due_early: None,
             latest: None,
             ended_at: None,
             latest_decode_ms: 0.0,
@@ -904,111 +841,6 @@ mod tests {
         }
         // Before the fix the second ended utterance replaced the first one still decoding.
         assert_eq!(finals, vec!["hello", "hello"]);
-    }
-
-    /// A scripted VAD: each window's first sample is its speech probability.
-    struct ProbabilityVad;
-
-    impl SpeechProbability for ProbabilityVad {
-        fn window_samples(&self) -> usize {
-            320
-        }
-        fn probability(&mut self, window: &[f32]) -> Result<f32> {
-            Ok(window[0])
-        }
-        fn reset(&mut self) {}
-        fn name(&self) -> &'static str {
-            "scripted"
-        }
-    }
-
-    /// Feeds 20 ms windows of the given speech probabilities.
-    fn push_probabilities(r: &mut StreamingRecognizer, t: &mut f64, probabilities: &[f32]) {
-        for &p in probabilities {
-            r.push_audio(*t, &[p; 320]).unwrap();
-            *t += 0.02;
-        }
-    }
-
-    fn hello() -> Hypothesis {
-        Hypothesis {
-            words: vec![Word {
-                text: "hello".into(),
-                start: 0.0,
-                end: 0.5,
-            }],
-            no_speech_probability: 0.0,
-        }
-    }
-
-    #[test]
-    fn a_sinking_speech_probability_starts_the_pause_decode_a_window_early() {
-        let mut r = StreamingRecognizer::new(StreamingConfig::default(), Box::new(ProbabilityVad));
-        let mut t = 0.0;
-        push_probabilities(&mut r, &mut t, &[1.0; 50]);
-        let partial = r.poll_decode().expect("a partial decode is due in speech");
-        assert!(!partial.may_be_final);
-        push_probabilities(&mut r, &mut t, &[0.8]);
-        assert_eq!(r.poll_abandoned_decode(), Some(partial.id));
-        let first_early = r
-            .poll_decode()
-            .expect("weakening speech starts the pause decode");
-        assert!(
-            first_early.may_be_final,
-            "it gets the pause decode's threads"
-        );
-        // Sinking further, it restarts on the newer audio; rising again, it does not.
-        push_probabilities(&mut r, &mut t, &[0.6]);
-        assert_eq!(r.poll_abandoned_decode(), Some(first_early.id));
-        let early = r.poll_decode().expect("a lower probability restarts it");
-        assert_eq!(early.audio.len(), first_early.audio.len() + 320);
-        // The pause: the early decode's audio reaches its first window, so it is the pause decode.
-        push_probabilities(&mut r, &mut t, &[0.1]);
-        assert_eq!(r.poll_abandoned_decode(), None);
-        assert!(r.poll_decode().is_none(), "no second decode at the pause");
-        r.on_decode_result(early.id, Ok(hello()), 100.0);
-        push_probabilities(&mut r, &mut t, &[0.0; 15]);
-        let events: Vec<AsrEvent> = std::iter::from_fn(|| r.poll_event()).collect();
-        assert!(
-            events.iter().any(|e| matches!(e, AsrEvent::Paused { .. })),
-            "{events:?}"
-        );
-        assert!(
-            events
-                .iter()
-                .any(|e| matches!(e, AsrEvent::Final { text, from_pause_decode: true, .. } if text == "hello")),
-            "{events:?}"
-        );
-        assert!(r.poll_decode().is_none(), "no decode after the endpoint");
-    }
-
-    #[test]
-    fn an_early_decode_of_speech_that_goes_on_is_a_partial_and_the_pause_decodes_again() {
-        let mut r = StreamingRecognizer::new(StreamingConfig::default(), Box::new(ProbabilityVad));
-        let mut t = 0.0;
-        push_probabilities(&mut r, &mut t, &[1.0; 50]);
-        let partial = r.poll_decode().expect("a partial decode is due in speech");
-        r.on_decode_result(partial.id, Ok(Hypothesis::default()), 50.0);
-        push_probabilities(&mut r, &mut t, &[0.7]);
-        let early = r
-            .poll_decode()
-            .expect("weakening speech starts the pause decode");
-        assert!(early.may_be_final);
-        push_probabilities(&mut r, &mut t, &[0.75, 1.0, 1.0]);
-        assert!(r.poll_decode().is_none(), "one decode at a time");
-        assert_eq!(r.poll_abandoned_decode(), None);
-        // Its result is an ordinary partial: the last word of audio cut mid-speech stays tentative.
-        r.on_decode_result(early.id, Ok(hello()), 100.0);
-        let events: Vec<AsrEvent> = std::iter::from_fn(|| r.poll_event()).collect();
-        assert!(
-            events.iter().any(|e| matches!(e, AsrEvent::Partial { committed, tentative, .. } if committed.is_empty() && tentative == "hello")),
-            "{events:?}"
-        );
-        // The pause later starts a decode of its own, on the audio up to it.
-        push_probabilities(&mut r, &mut t, &[0.1]);
-        let at_pause = r.poll_decode().expect("the pause decodes the newer audio");
-        assert!(at_pause.may_be_final);
-        assert_eq!(at_pause.audio.len(), early.audio.len() + 4 * 320);
     }
 
     #[test]

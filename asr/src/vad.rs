@@ -232,11 +232,6 @@ impl Endpointer {
         matches!(self.state, EndpointState::Speech { .. })
     }
 
-    /// In speech, and not in a pause that may end it.
-    pub fn in_speech_unpaused(&self) -> bool {
-        matches!(self.state, EndpointState::Speech { pause_since: None })
-    }
-
     /// Feeds the probability of the window `[start, end)`; returns at most one event.
     pub fn on_window(&mut self, start: f64, end: f64, probability: f32) -> Option<VadEvent> {
         self.last_audio_end = end;

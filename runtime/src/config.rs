@@ -215,9 +215,6 @@ pub struct AsrConfig {
     pub language: String,
     /// Media time between partial re-decodes while the user speaks.
     pub hop_s: f64,
-    /// A VAD probability under which speech counts as weakening: the decode a pause would start
-    /// starts one window early (0: only at the pause).
-    pub early_decode_below: f32,
 }
 
 impl Default for AsrConfig {
@@ -230,7 +227,6 @@ impl Default for AsrConfig {
             max_concurrent_decodes: 1,
             language: "en".into(),
             hop_s: 0.3,
-            early_decode_below: talkline_asr::streaming::EARLY_DECODE_BELOW,
         }
     }
 }
@@ -425,7 +421,6 @@ impl Config {
     pub fn streaming(&self) -> talkline_asr::streaming::StreamingConfig {
         talkline_asr::streaming::StreamingConfig {
             hop_s: self.asr.hop_s.clamp(0.05, 5.0),
-            early_decode_below: self.asr.early_decode_below.clamp(0.0, 1.0),
             vad: talkline_asr::vad::VadConfig {
                 threshold: self.vad.threshold.clamp(0.01, 0.99),
                 // Keep Silero's hysteresis gap below the threshold.
