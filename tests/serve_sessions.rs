@@ -246,3 +246,90 @@ fn a_full_server_refuses_every_transport_with_503_and_retry_after_before_upgradi
     assert_eq!(metric(&addr, "talkline_sessions_rejected_total"), 3.0);
     assert_eq!(metric(&addr, "talkline_sessions_active"), 0.0);
 }
+
+/// Sum of a labelled counter's series whose labels contain `label`.
+fn metric_sum(addr: &str, name: &str, label: &str) -> f64 {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let body = rt.block_on(async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut body = String::new();
+        stream.read_to_string(&mut body).await.unwrap();
+        body
+    });
+    body.lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.trim().parse::<f64>().ok())
+        .sum()
+}
+
+/// A caller who hangs up while the agent answers was still answered: the turn is reported, as
+/// interrupted, with its latencies (a load test once counted 19 turns for 20 answered calls).
+#[test]
+fn a_reply_the_caller_hangs_up_on_is_still_reported_as_a_turn() {
+    let server = start_server(&["--max-tokens", "40"]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let addr = server.addr.clone();
+    let hung_up_on_audio = rt.block_on(async move {
+        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
+            .await
+            .expect("the WebSocket opens");
+        let (mut tx, mut rx) = ws.split();
+        tx.send(Message::Text(
+            r#"{"type":"hello","sample_rate":16000}"#.into(),
+        ))
+        .await
+        .expect("hello sent");
+        let mut audio = vec![0.0f32; 8_000];
+        audio.extend(espeak_16k("What does a high cholesterol number mean?"));
+        audio.extend(vec![0.0f32; 16_000 * 20]);
+        let sender = tokio::spawn(async move {
+            let start = Instant::now();
+            for (i, frame) in audio.chunks(320).enumerate() {
+                tokio::time::sleep_until((start + Duration::from_millis(20 * i as u64)).into())
+                    .await;
+                if tx.send(Message::Binary(pcm16(frame).into())).await.is_err() {
+                    break;
+                }
+            }
+            tx
+        });
+        // The question's final, then the first audio of the answer: hang up there, mid-reply.
+        let mut heard_final = false;
+        while let Ok(Some(Ok(msg))) = tokio::time::timeout(Duration::from_secs(60), rx.next()).await
+        {
+            match msg {
+                Message::Text(t) if t.contains(r#""type":"final""#) => heard_final = true,
+                Message::Binary(b) if heard_final && b.iter().any(|&x| x != 0) => {
+                    sender.abort();
+                    return true;
+                }
+                _ => {}
+            }
+        }
+        false
+    });
+    assert!(hung_up_on_audio, "the agent never began to answer");
+    let turns = |interrupted: &str| {
+        metric_sum(
+            &server.addr,
+            "talkline_turns_total",
+            &format!("interrupted=\"{interrupted}\""),
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while turns("true") < 1.0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(turns("true"), 1.0, "the reply hung up on is a turn");
+    assert_eq!(turns("false"), 0.0, "and not a finished one");
+    let v2v = metric(
+        &server.addr,
+        "talkline_stage_latency_seconds_count{stage=\"voice_to_voice\"}",
+    );
+    assert_eq!(v2v, 1.0, "its voice-to-voice time is recorded");
+}

@@ -650,6 +650,11 @@ async fn run_session(
             break Ok(());
         }
     };
+    // A reply the caller hung up on (or the server closed) was heard in part: it is still a turn,
+    // reported as interrupted with the words played, like a barge-in.
+    if let Some(p) = playing.take() {
+        finish_reply(&mut turns, &mut replies, &agent, &p, true, &report);
+    }
     for r in replies.values() {
         r.cancel.cancel();
     }
