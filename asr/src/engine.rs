@@ -6,8 +6,8 @@
 //! pause is seen when it happens, not up to a decode later, and the decode it calls for starts as
 //! soon as the decoder is free (a decode of older audio still running is aborted; whisper.cpp
 //! looks at the abort flag only after its encoder pass and between decoder steps, so that can
-//! take the rest of an encoder pass: about 73 ms once, going by a debug run's timings). The turn manager's
-//! speculation and the end of turn hang on that moment.
+//! take the rest of an encoder pass: about 73 ms once, going by a debug run's timings). The
+//! turn manager's speculation and the end of turn hang on that moment.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
