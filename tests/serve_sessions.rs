@@ -5,31 +5,17 @@ use std::time::{Duration, Instant};
 use std::net::IpAddr;
 
 use futures_util::{SinkExt, StreamExt};
-use talkline_tests::{espeak_16k, pcm16, start_server, wer};
+use talkline_tests::{espeak_16k, speak_in_real_time, start_server, wer, ws_hello_16k};
 use tokio_tungstenite::tungstenite::Message;
 
 /// One caller: says `question` in real time and returns the final transcript it got back.
 async fn caller(addr: String, question: &'static str) -> Option<String> {
-    let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
-        .await
-        .ok()?;
-    let (mut tx, mut rx) = ws.split();
-    tx.send(Message::Text(
-        r#"{"type":"hello","sample_rate":16000}"#.into(),
-    ))
-    .await
-    .ok()?;
+    let (mut tx, mut rx) = ws_hello_16k(&addr).await.split();
     let mut audio = vec![0.0f32; 8_000];
     audio.extend(espeak_16k(question));
     audio.extend(vec![0.0f32; 16_000 * 4]);
     let sender = tokio::spawn(async move {
-        let start = Instant::now();
-        for (i, frame) in audio.chunks(320).enumerate() {
-            tokio::time::sleep_until((start + Duration::from_millis(20 * i as u64)).into()).await;
-            if tx.send(Message::Binary(pcm16(frame).into())).await.is_err() {
-                break;
-            }
-        }
+        speak_in_real_time(&mut tx, &audio).await;
         let _ = tx.send(Message::Text(r#"{"type":"bye"}"#.into())).await;
     });
     let mut final_text = None;
@@ -46,8 +32,17 @@ async fn caller(addr: String, question: &'static str) -> Option<String> {
 }
 
 fn metric(addr: &str, name: &str) -> f64 {
+    let body = metrics_text(addr);
+    body.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} not in {body}"))
+}
+
+/// The server's `/metrics` page.
+fn metrics_text(addr: &str) -> String {
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let body = rt.block_on(async {
+    rt.block_on(async {
         let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         stream
@@ -57,11 +52,7 @@ fn metric(addr: &str, name: &str) -> f64 {
         let mut body = String::new();
         stream.read_to_string(&mut body).await.unwrap();
         body
-    });
-    body.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{name} not in {body}"))
+    })
 }
 
 fn threads_of(pid: u32) -> usize {
@@ -249,19 +240,8 @@ fn a_full_server_refuses_every_transport_with_503_and_retry_after_before_upgradi
 
 /// Sum of a labelled counter's series whose labels contain `label`.
 fn metric_sum(addr: &str, name: &str, label: &str) -> f64 {
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let body = rt.block_on(async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .await
-            .unwrap();
-        let mut body = String::new();
-        stream.read_to_string(&mut body).await.unwrap();
-        body
-    });
-    body.lines()
+    metrics_text(addr)
+        .lines()
         .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
         .filter_map(|l| l.rsplit(' ').next()?.trim().parse::<f64>().ok())
         .sum()
@@ -275,27 +255,12 @@ fn a_reply_the_caller_hangs_up_on_is_still_reported_as_a_turn() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let addr = server.addr.clone();
     let hung_up_on_audio = rt.block_on(async move {
-        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
-            .await
-            .expect("the WebSocket opens");
-        let (mut tx, mut rx) = ws.split();
-        tx.send(Message::Text(
-            r#"{"type":"hello","sample_rate":16000}"#.into(),
-        ))
-        .await
-        .expect("hello sent");
+        let (mut tx, mut rx) = ws_hello_16k(&addr).await.split();
         let mut audio = vec![0.0f32; 8_000];
         audio.extend(espeak_16k("What does a high cholesterol number mean?"));
         audio.extend(vec![0.0f32; 16_000 * 20]);
         let sender = tokio::spawn(async move {
-            let start = Instant::now();
-            for (i, frame) in audio.chunks(320).enumerate() {
-                tokio::time::sleep_until((start + Duration::from_millis(20 * i as u64)).into())
-                    .await;
-                if tx.send(Message::Binary(pcm16(frame).into())).await.is_err() {
-                    break;
-                }
-            }
+            speak_in_real_time(&mut tx, &audio).await;
             tx
         });
         // The question's final, then the first audio of the answer: hang up there, mid-reply.

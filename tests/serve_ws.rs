@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use talkline_tests::{espeak_16k, pcm16, start_server, wer};
+use talkline_tests::{espeak_16k, pcm16, speak_in_real_time, start_server, wer, ws_hello_16k};
 use tokio_tungstenite::tungstenite::Message;
 
 #[test]
@@ -16,25 +16,10 @@ fn a_websocket_caller_gets_a_transcript_a_spoken_reply_and_latencies() {
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", server.addr))
-            .await
-            .expect("connects");
-        ws.send(Message::Text(
-            r#"{"type":"hello","sample_rate":16000}"#.into(),
-        ))
-        .await
-        .unwrap();
-        let (mut tx, mut rx) = ws.split();
+        let (mut tx, mut rx) = ws_hello_16k(&server.addr).await.split();
         // The caller speaks in real time, 20 ms a frame.
         let sender = tokio::spawn(async move {
-            let start = Instant::now();
-            for (i, frame) in audio.chunks(320).enumerate() {
-                tokio::time::sleep_until((start + Duration::from_millis(20 * i as u64)).into())
-                    .await;
-                if tx.send(Message::Binary(pcm16(frame).into())).await.is_err() {
-                    break;
-                }
-            }
+            speak_in_real_time(&mut tx, &audio).await;
             tx
         });
         let mut final_text = None;

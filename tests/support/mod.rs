@@ -173,6 +173,25 @@ pub async fn ws_hello_16k(addr: &str) -> WebSocketStream<MaybeTlsStream<tokio::n
     ws
 }
 
+/// The sending half of a [`ws_hello_16k`] session.
+pub type WsSink = futures_util::stream::SplitSink<
+    WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>,
+    Message,
+>;
+
+/// Speaks `audio` (16 kHz) into a `/ws` session as a caller would: 20 ms PCM16 frames in real
+/// time. Stops early if the server closes the session.
+pub async fn speak_in_real_time(tx: &mut WsSink, audio: &[f32]) {
+    let start = std::time::Instant::now();
+    for (i, frame) in audio.chunks(320).enumerate() {
+        let due = start + std::time::Duration::from_millis(20 * i as u64);
+        tokio::time::sleep_until(due.into()).await;
+        if tx.send(Message::Binary(pcm16(frame).into())).await.is_err() {
+            break;
+        }
+    }
+}
+
 /// Reads a 16-bit PCM WAV as f32 in [-1, 1].
 pub fn read_wav_f32(path: &Path) -> Vec<f32> {
     let mut reader = hound::WavReader::open(path).expect("a readable WAV");
