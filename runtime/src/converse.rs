@@ -23,7 +23,7 @@ use talkline_tts::PiperVoice;
 
 use crate::config::Config;
 use crate::models::ModelStore;
-use crate::turn::{TurnAction, TurnConfig, TurnManager};
+use crate::turn::{CancelReason, TurnAction, TurnConfig, TurnManager};
 
 /// The default system prompt: short answers suit a voice.
 pub const DEFAULT_SYSTEM_PROMPT: &str =
@@ -130,6 +130,8 @@ pub fn run(args: ConverseArgs, config_path: Option<&Path>) -> anyhow::Result<()>
     let mut history = vec![Message::system(args.system.clone())];
     let mut agent_track: Vec<f32> = Vec::new();
     let mut replies: Vec<Reply> = Vec::new();
+    // A reply cancelled before it played, with the words it answered (see `RetryReply`).
+    let mut withdrawn: Option<(u64, String)> = None;
     let mut times = TurnTimes::default();
     let mut events_out = match &args.events {
         Some(p) => Some(std::io::BufWriter::new(
@@ -230,13 +232,33 @@ pub fn run(args: ConverseArgs, config_path: Option<&Path>) -> anyhow::Result<()>
                         r.asr_final = times.asr_final;
                     }
                 }
-                TurnAction::CancelReply { reply, .. } => {
+                TurnAction::CancelReply { reply, reason } => {
                     if let Some(i) = replies.iter().position(|r| r.id == reply) {
                         if replies[i].playback.is_none() {
                             // Never heard: it leaves no trace in the history or the audio.
                             times.missed |= replies[i].speculative;
-                            replies.remove(i);
+                            let r = replies.remove(i);
+                            if reason == CancelReason::BargeIn {
+                                withdrawn = Some((reply, r.user_text));
+                            }
                         }
+                    }
+                }
+                TurnAction::RetryReply {
+                    reply,
+                    withdrawn: id,
+                } => {
+                    if let Some((_, user_text)) = withdrawn.take().filter(|(w, _)| *w == id) {
+                        let mut messages = history.clone();
+                        messages.push(Message::user(user_text.clone()));
+                        let mut r = generate(&mut *chat, &voice, &messages, &params, reply, now)?;
+                        r.user_text = user_text;
+                        r.speech_end = times.speech_end;
+                        r.asr_final = times.asr_final;
+                        r.release = Some(now);
+                        replies.push(r);
+                    } else {
+                        turns.on_agent_audio_finished(reply);
                     }
                 }
                 TurnAction::StopOutput => {

@@ -104,6 +104,13 @@ pub enum TurnAction {
     CommitReply {
         reply: ReplyId,
     },
+    /// Say `withdrawn` after all, as `reply`: the caller spoke before a word of it played, but what
+    /// they said held no words (a cough, a breath, a line click), so their turn is still unanswered.
+    /// The agent has already acted on that turn; its action is run again, not asked for again.
+    RetryReply {
+        reply: ReplyId,
+        withdrawn: ReplyId,
+    },
     CancelReply {
         reply: ReplyId,
         reason: CancelReason,
@@ -216,6 +223,9 @@ pub struct TurnManager {
     /// An echo canceller runs and has not found the echo path (see
     /// [`TurnConfig::barge_in_min_speech_echo_unknown_s`]).
     echo_unknown: bool,
+    /// A reply cancelled by speech before any of it played, until that speech is transcribed:
+    /// words start a turn of their own, no words bring the reply back ([`TurnAction::RetryReply`]).
+    withdrawn: Option<ReplyId>,
 }
 
 /// Speech over the agent, counted toward `barge_in_min_speech_s`. Only speech counts: a pause
@@ -314,6 +324,7 @@ impl TurnManager {
             barge_in: None,
             finals_owed: 0,
             echo_unknown: false,
+            withdrawn: None,
         }
     }
 
@@ -461,6 +472,19 @@ impl TurnManager {
                 }
                 if !text.trim().is_empty() {
                     self.turn_text.push(text.trim().to_string());
+                    self.withdrawn = None;
+                }
+                if self.turn_text.is_empty() && self.finals_owed == 0 && !self.user_speaking {
+                    if let Some(withdrawn) = self.withdrawn.take() {
+                        let reply = self.new_reply();
+                        self.actions
+                            .push_back(TurnAction::RetryReply { reply, withdrawn });
+                        self.phase = Phase::Replying {
+                            reply,
+                            audio_playing: false,
+                        };
+                        return;
+                    }
                 }
                 // An empty final (noise) still ends an utterance: the words of the turn's
                 // earlier utterances must not wait for a next one that may never come.
@@ -502,6 +526,7 @@ impl TurnManager {
 
     /// The agent speaks first (a greeting): an agent turn the caller can barge in on.
     pub fn greet(&mut self) -> ReplyId {
+        self.withdrawn = None;
         let reply = self.new_reply();
         self.phase = Phase::Replying {
             reply,
@@ -657,6 +682,7 @@ impl TurnManager {
             return;
         }
         self.stats.barge_ins += 1;
+        self.withdrawn = (!audio_playing).then_some(reply);
         self.actions.push_back(TurnAction::StopOutput);
         self.actions.push_back(TurnAction::CancelReply {
             reply,
@@ -1100,6 +1126,95 @@ mod tests {
             ]
         );
         assert_eq!(t.stats().barge_ins, 1);
+    }
+
+    /// The reply to "Is my hemoglobin normal?" was generating, none of it played, when the caller
+    /// made a sound long enough to count as speech.
+    fn withdrawn_before_a_word_played(t: &mut TurnManager) -> ReplyId {
+        t.on_asr(0.5, &AsrEvent::SpeechStarted { at: 0.4 });
+        t.on_asr(1.2, &AsrEvent::SpeechEnded { at: 1.0 });
+        t.on_asr(1.2, &final_("Is my hemoglobin normal?", 1.0));
+        tick(t, 1.2);
+        drain(t);
+        t.on_asr(1.4, &AsrEvent::SpeechStarted { at: 1.3 });
+        tick(t, 1.6);
+        assert_eq!(
+            drain(t),
+            vec![
+                TurnAction::StopOutput,
+                TurnAction::CancelReply {
+                    reply: 1,
+                    reason: CancelReason::BargeIn
+                },
+            ]
+        );
+        t.on_asr(1.9, &AsrEvent::SpeechEnded { at: 1.7 });
+        1
+    }
+
+    /// sip_scale: under load, twenty calls on two cores, one caller's question was split in two
+    /// and the second half transcribed to nothing; the reply to the first half had been cancelled
+    /// by that second half, and the caller was never answered.
+    #[test]
+    fn a_reply_withdrawn_for_speech_that_held_no_words_is_said_after_all() {
+        let mut t = TurnManager::new(TurnConfig::default());
+        let withdrawn = withdrawn_before_a_word_played(&mut t);
+        t.on_asr(2.2, &final_("", 1.7));
+        assert_eq!(
+            drain(&mut t),
+            vec![TurnAction::RetryReply {
+                reply: 2,
+                withdrawn
+            }]
+        );
+        // It is an agent turn like any other: speech over it is a barge-in.
+        t.on_agent_audio_started(2);
+        drain(&mut t);
+        t.on_asr(3.1, &AsrEvent::SpeechStarted { at: 3.0 });
+        tick(&mut t, 3.3);
+        assert!(drain(&mut t).contains(&TurnAction::StopOutput));
+    }
+
+    #[test]
+    fn words_after_a_withdrawn_reply_are_a_turn_of_their_own() {
+        let mut t = TurnManager::new(TurnConfig::default());
+        withdrawn_before_a_word_played(&mut t);
+        t.on_asr(2.2, &final_("and my cholesterol", 1.7));
+        tick(&mut t, 2.8);
+        let actions = drain(&mut t);
+        assert!(
+            actions.iter().any(|a| matches!(a,
+                TurnAction::StartReply { user_text, speculative: false, .. } if user_text == "and my cholesterol")),
+            "{actions:?}"
+        );
+        assert!(
+            !actions
+                .iter()
+                .any(|a| matches!(a, TurnAction::RetryReply { .. })),
+            "{actions:?}"
+        );
+        // Nor does a later empty utterance bring the old reply back.
+        t.on_agent_audio_started(2);
+        t.on_agent_audio_finished(2);
+        drain(&mut t);
+        t.on_asr(4.0, &AsrEvent::SpeechStarted { at: 3.9 });
+        t.on_asr(4.5, &AsrEvent::SpeechEnded { at: 4.3 });
+        t.on_asr(4.6, &final_("", 4.3));
+        tick(&mut t, 5.0);
+        assert!(drain(&mut t).is_empty());
+    }
+
+    #[test]
+    fn a_reply_cut_after_it_began_playing_is_not_said_again() {
+        let mut t = TurnManager::new(TurnConfig::default());
+        replying(&mut t);
+        t.on_asr(2.1, &AsrEvent::SpeechStarted { at: 2.0 });
+        tick(&mut t, 2.3);
+        drain(&mut t);
+        t.on_asr(2.6, &AsrEvent::SpeechEnded { at: 2.4 });
+        t.on_asr(2.7, &final_("", 2.4));
+        tick(&mut t, 3.5);
+        assert!(drain(&mut t).is_empty());
     }
 
     #[test]

@@ -27,10 +27,12 @@ use tracing::Instrument;
 
 mod agent_audio;
 mod echo_path;
+mod media_clock;
 mod replies;
 
 use agent_audio::AgentAudio;
 use echo_path::{EchoPath, CLEANED_QUEUE};
+use media_clock::MediaClock;
 pub use replies::FallbackLine;
 use replies::{Launcher, ReplyMsg, THREADS_JOIN_TIMEOUT};
 
@@ -115,6 +117,9 @@ struct ReplyState {
     thread: u64,
     /// The LLM request a speculative reply was started with.
     request: Option<LlmRequest>,
+    /// What the agent asked for, kept so that a reply withdrawn before it played can be run again
+    /// without asking the agent twice ([`TurnAction::RetryReply`]).
+    action: Option<AgentAction>,
     afterwards: Afterwards,
     transfer_reason: String,
     /// The utterance failed; the fallback line plays once the reply is committed.
@@ -139,6 +144,7 @@ impl ReplyState {
             missed: false,
             thread: 0,
             request: None,
+            action: None,
             afterwards: Afterwards::Listen,
             transfer_reason: String::new(),
             failed: false,
@@ -297,6 +303,9 @@ async fn run_session(
     };
     let fallback = shared.fallback.for_session(out_rate);
     let mut replies: HashMap<ReplyId, ReplyState> = HashMap::new();
+    // The reply a caller's sound cancelled before any of it played, until that sound is
+    // transcribed (see `TurnAction::RetryReply`).
+    let mut withdrawn: Option<(ReplyId, ReplyState)> = None;
     let greeting = lock(&agent).greeting().filter(|g| !g.trim().is_empty());
     if let Some(greeting) = greeting {
         // The greeting is an agent turn like any reply: it can be barged in on.
@@ -312,23 +321,13 @@ async fn run_session(
     let frame = (out_rate as f64 * FRAME_S) as usize;
     let mut dropped_frames = 0u64;
 
-    // The media clock: audio received, extrapolated by wall time when the client goes quiet.
-    let mut media_samples = 0u64;
+    let mut clock = MediaClock::new(Instant::now());
     let mut last_audio = Instant::now();
     let started = Instant::now();
     let report = TurnReport {
         output: &output,
         started,
         metrics: &shared.metrics,
-    };
-    let media_now = |media_samples: u64, last_audio: Instant| {
-        let base = media_samples as f64 / 16_000.0;
-        let gap = last_audio.elapsed().as_secs_f64();
-        if gap > 0.1 {
-            base + gap
-        } else {
-            base
-        }
     };
     let mut speech_end: Option<f64> = None;
     let mut asr_final: Option<f64> = None;
@@ -353,7 +352,7 @@ async fn run_session(
             _ = &mut recheck, if recheck_armed => recheck_armed = false,
             audio = input.recv() => {
                 let Some(audio) = audio else { break Ok(()) };
-                media_samples += audio.len() as u64;
+                clock.on_audio(audio.len(), Instant::now());
                 // Transports send 20 ms frames; half a second without any means the stream itself
                 // paused (a half-duplex client). Shorter stalls are network or load bursts: the
                 // canceller keeps its alignment through those, so they must not reset it.
@@ -369,7 +368,7 @@ async fn run_session(
                 delivered += audio.len() as u64;
             }
             Some(event) = asr_rx.recv() => {
-                let now = media_now(media_samples, last_audio);
+                let now = clock.now(Instant::now());
                 match &event {
                     AsrEvent::Partial { committed, tentative, .. } => send(&output, SessionOutput::Event(
                         json!({"type": "partial", "committed": committed, "tentative": tentative})), &mut dropped_frames),
@@ -396,7 +395,7 @@ async fn run_session(
             }
             // Audio is taken only while a whole chunk fits; until then the reply threads wait.
             Some(msg) = reply_rx.recv(), if queue.has_room_for_a_chunk() => {
-                let now = media_now(media_samples, last_audio);
+                let now = clock.now(Instant::now());
                 let at = |i: Instant| now - i.elapsed().as_secs_f64();
                 match msg {
                     ReplyMsg::FirstToken { reply, thread, at: i } => {
@@ -449,13 +448,15 @@ async fn run_session(
                     for r in replies.values() { r.cancel.cancel(); }
                     replies.clear();
                     let reply = turns.greet();
-                    let mut r = ReplyState::new(String::new(), media_now(media_samples, last_audio));
+                    let mut r = ReplyState::new(String::new(), clock.now(Instant::now()));
                     launcher.run(reply, &mut r, action);
                     replies.insert(reply, r);
                 }
             }
             scheduled = tick.tick() => {
-                let late_ms = scheduled.elapsed().as_secs_f64() * 1000.0;
+                let late = scheduled.elapsed();
+                clock.on_tick(late, Instant::now());
+                let late_ms = late.as_secs_f64() * 1000.0;
                 if late_ms > 5.0 && !queue.is_empty() {
                     tracing::debug!(late_ms, "an output tick of agent audio came late");
                 }
@@ -463,7 +464,7 @@ async fn run_session(
                     send(&output, SessionOutput::Event(json!({"type": "bye", "reason": "idle"})), &mut dropped_frames);
                     break Ok(());
                 }
-                asr.tick(media_now(media_samples, last_audio));
+                asr.tick(clock.now(Instant::now()));
                 // One paced frame of agent audio.
                 if !queue.is_empty() {
                     let mut out = vec![0.0f32; frame];
@@ -505,7 +506,7 @@ async fn run_session(
         // `heard_until` moves only after the events it covers are in `asr_rx`, so it is read
         // first and the timers wait while any event is still queued.
         let heard = asr.heard_until();
-        let now = media_now(media_samples, last_audio);
+        let now = clock.now(Instant::now());
         if asr_rx.is_empty() {
             turns.set_echo_path_found(echo.path_found());
             turns.handle_timeout_heard(now, now.min(heard));
@@ -520,7 +521,7 @@ async fn run_session(
         }
         // Carry out what the turn manager decided.
         while let Some(action) = turns.poll_action() {
-            let now = media_now(media_samples, last_audio);
+            let now = clock.now(Instant::now());
             tracing::debug!(session = %name, now, action = %action.redacted(), "turn action");
             match action {
                 TurnAction::StartReply {
@@ -595,6 +596,27 @@ async fn run_session(
                     } else if let Some(r) = replies.remove(&reply) {
                         // A goodbye cut before it played still ends the call.
                         hang_up |= r.committed && r.afterwards == Afterwards::HangUp;
+                        if reason == CancelReason::BargeIn {
+                            withdrawn = Some((reply, r));
+                        }
+                    }
+                }
+                TurnAction::RetryReply {
+                    reply,
+                    withdrawn: id,
+                } => {
+                    let old = withdrawn.take().filter(|(w, _)| *w == id).map(|(_, r)| r);
+                    match old.and_then(|old| Some((old.action?, old.user_text))) {
+                        Some((action, user_text)) => {
+                            let mut r = ReplyState::new(user_text, now);
+                            r.speech_end = speech_end;
+                            r.asr_final = asr_final;
+                            launcher.run(reply, &mut r, action);
+                            replies.insert(reply, r);
+                        }
+                        // Nothing to say after all (the reply was never launched): the floor
+                        // goes back to the caller.
+                        None => turns.on_agent_audio_finished(reply),
                     }
                 }
                 TurnAction::StopOutput => {

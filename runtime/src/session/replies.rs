@@ -264,6 +264,7 @@ impl Launcher {
         r.done = false;
         r.failed = false;
         r.generated.clear();
+        r.action = Some(action.clone());
         let (thread, cancel) = (r.thread, r.cancel.clone());
         self.handles.retain(|h| !h.is_finished());
         let speak = |text: String| {
