@@ -261,6 +261,11 @@ pub struct VadConfig {
     pub min_speech_s: f64,
     /// Silence that ends an utterance.
     pub min_silence_s: f64,
+    /// In speech, a window counts as silence below `threshold - hysteresis`. A narrower gap
+    /// reports a pause sooner (Silero's probability falls over a few 32 ms windows after the
+    /// last word), and the pause is where the speculative reply starts; a wider one keeps a
+    /// wavering voice from flapping between speech and pause.
+    pub hysteresis: f32,
 }
 
 impl Default for VadConfig {
@@ -271,6 +276,7 @@ impl Default for VadConfig {
             threshold: d.threshold,
             min_speech_s: d.min_speech_s,
             min_silence_s: d.min_silence_s,
+            hysteresis: d.threshold - d.release_threshold,
         }
     }
 }
@@ -423,8 +429,7 @@ impl Config {
             hop_s: self.asr.hop_s.clamp(0.05, 5.0),
             vad: talkline_asr::vad::VadConfig {
                 threshold: self.vad.threshold.clamp(0.01, 0.99),
-                // Keep Silero's hysteresis gap below the threshold.
-                release_threshold: (self.vad.threshold - 0.15).max(0.01),
+                release_threshold: (self.vad.threshold - self.vad.hysteresis.max(0.0)).max(0.01),
                 min_speech_s: self.vad.min_speech_s.max(0.0),
                 min_silence_s: self.vad.min_silence_s.max(0.03),
             },

@@ -112,7 +112,9 @@ pub fn run(args: ConverseArgs, config_path: Option<&Path>) -> anyhow::Result<()>
     let whisper = crate::stages::load_whisper(&config, &store)?;
     let mut asr_session = whisper.session()?;
     let vad = crate::stages::load_vad(&config, &store);
-    let mut recognizer = StreamingRecognizer::new(config.streaming(), vad);
+    let streaming = config.streaming();
+    let hysteresis = streaming.vad.threshold - streaming.vad.release_threshold;
+    let mut recognizer = StreamingRecognizer::new(streaming, vad);
     let chat_model = crate::stages::load_chat_model(&config, &store)?;
     let mut chat = chat_model.new_session()?;
     let voice = Arc::new(Mutex::new(crate::stages::load_voice(&config, &store)?));
@@ -286,7 +288,7 @@ pub fn run(args: ConverseArgs, config_path: Option<&Path>) -> anyhow::Result<()>
                     }
                 }
                 TurnAction::SetVadThreshold { threshold } => {
-                    let release = (threshold - 0.15).max(0.01);
+                    let release = (threshold - hysteresis).max(0.01);
                     recognizer
                         .endpointer_mut()
                         .set_thresholds(threshold, release);

@@ -649,7 +649,9 @@ async fn run_session(
                 }
                 TurnAction::SetVadThreshold { threshold } => {
                     tracing::debug!(threshold, "echo guard");
-                    asr.set_vad_thresholds(threshold, (threshold - 0.15).max(0.01));
+                    let vad = &shared.streaming.vad;
+                    let hysteresis = vad.threshold - vad.release_threshold;
+                    asr.set_vad_thresholds(threshold, (threshold - hysteresis).max(0.01));
                 }
             }
         }
